@@ -1,0 +1,212 @@
+"""ONNX Runtime measurement, with nothing but onnxruntime and numpy.
+
+This is the measuring half of hwprune. The host uses it in-process; an edge or mobile
+device runs it through ``python -m hwprune.device run BUNDLE`` with only onnxruntime and
+numpy installed. Two runs per model, never mixed:
+
+* :func:`time_model` creates a plain session (timed as set-up), times the first run
+  apart, then follows the protocol of :mod:`hwprune.measure`;
+* :func:`profile_model` creates a separate session with ``enable_profiling`` and the
+  optimised graph written to disk, runs it, and returns per-node samples read from the
+  runtime's own profile (``*_kernel_time`` events), warm-up runs dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..measure import MeasureConfig, Measurement, Stats, measure, time_once
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"  # "basic" | "extended" | "all"
+    spinning: bool = True
+    provider: str = "CPUExecutionProvider"
+
+    def to_dict(self) -> dict:
+        return {"intra_op_threads": self.intra_op_threads, "inter_op_threads": self.inter_op_threads,
+                "graph_optimization": self.graph_optimization, "spinning": self.spinning,
+                "execution_provider": self.provider}
+
+
+def ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
+def _session_options(s: OrtSettings):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = s.intra_op_threads
+    so.inter_op_num_threads = s.inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[s.graph_optimization]
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if s.spinning else "0")
+    return so
+
+
+def _feeds(sess, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def time_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig) -> Measurement:
+    """End-to-end latency of one inference with a fresh, unprofiled session."""
+    import onnxruntime as ort
+
+    so = _session_options(settings)
+    sess, setup_ms = time_once(lambda: ort.InferenceSession(str(onnx_path), so, providers=[settings.provider]))
+    feeds = _feeds(sess)
+    _, first_ms = time_once(lambda: sess.run(None, feeds))
+
+    def step() -> float:
+        t = time.perf_counter_ns()
+        sess.run(None, feeds)
+        return (time.perf_counter_ns() - t) / 1e6
+
+    m = measure(step, cfg)
+    m.setup_ms, m.first_run_ms = setup_ms, first_ms
+    return m
+
+
+@dataclass
+class NodeSamples:
+    """Per-node samples of a profiled run, as the runtime reported them."""
+
+    name: str
+    op: str
+    input_shapes: list[list[int]]
+    output_shapes: list[list[int]]
+    samples_ms: list[float] = field(default_factory=list)
+
+    def stats(self, cov_threshold: float) -> Stats:
+        return Stats.from_samples(self.samples_ms, cov_threshold)
+
+    def to_dict(self, cov_threshold: float) -> dict:
+        return {"name": self.name, "op": self.op, "input_shapes": self.input_shapes,
+                "output_shapes": self.output_shapes, "stats": self.stats(cov_threshold).to_dict()}
+
+
+def _shapes(arg) -> list[list[int]]:
+    out = []
+    for d in arg or []:
+        for v in d.values():
+            out.append([int(x) for x in v])
+    return out
+
+
+def _parse_profile(path: str, skip_runs: int) -> list[NodeSamples]:
+    with open(path, encoding="utf-8") as f:
+        events = json.load(f)
+    nodes: dict[str, NodeSamples] = {}
+    seen: dict[str, int] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        args = e.get("args", {})
+        name = e["name"][: -len("_kernel_time")]
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] <= skip_runs:
+            continue
+        ns = nodes.get(name)
+        if ns is None:
+            ns = nodes[name] = NodeSamples(name, args.get("op_name", ""), _shapes(args.get("input_type_shape")),
+                                           _shapes(args.get("output_type_shape")))
+        ns.samples_ms.append(float(e["dur"]) / 1000.0)
+    return list(nodes.values())
+
+
+def profile_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig,
+                  optimized_path: str | Path | None = None) -> list[NodeSamples]:
+    """Per-node kernel times from ONNX Runtime's profiler (a run separate from timing).
+
+    ``optimized_path``, when given, receives the graph the runtime really executes, so
+    the host can read fused activations, fused Adds and layout reorders from it.
+    Nodes whose time is unstable are measured again (up to ``cfg.retries`` times); the
+    attempt with the least time in unstable nodes is kept.
+    """
+    import onnxruntime as ort
+
+    best: list[NodeSamples] | None = None
+    best_bad = float("inf")
+    for attempt in range(cfg.retries + 1):
+        so = _session_options(settings)
+        tmpdir = tempfile.mkdtemp(prefix="hwprune-prof-")
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmpdir, "p")
+        if optimized_path is not None and attempt == 0:
+            so.optimized_model_filepath = str(optimized_path)
+        sess = ort.InferenceSession(str(onnx_path), so, providers=[settings.provider])
+        feeds = _feeds(sess)
+        runs = 0
+        t_end = time.perf_counter() + cfg.warmup_s
+        while True:  # first run and warm-up, dropped below
+            sess.run(None, feeds)
+            runs += 1
+            if time.perf_counter() >= t_end:
+                break
+        skip = runs
+        t0 = time.perf_counter()
+        n = 0
+        while n < cfg.min_iters or time.perf_counter() - t0 < cfg.min_time_s:
+            sess.run(None, feeds)
+            n += 1
+            if n >= min(cfg.max_iters, cfg.profile_max_iters):
+                break
+        prof = sess.end_profiling()
+        try:
+            nodes = _parse_profile(prof, skip)
+        finally:
+            try:
+                os.remove(prof)
+                os.rmdir(tmpdir)
+            except OSError:
+                pass
+        total = sum(float(np.median(x.samples_ms)) for x in nodes) or 1.0
+        bad = sum(float(np.median(x.samples_ms)) for x in nodes
+                  if x.stats(cfg.cov_threshold).unstable) / total
+        if bad < best_bad:
+            best, best_bad = nodes, bad
+        if bad <= 0.1:
+            break
+    assert best is not None
+    return best
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise

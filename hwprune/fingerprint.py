@@ -1,0 +1,88 @@
+"""Describe the machine a measurement was taken on.
+
+Only the standard library is used, so the device-side runner can call it on an edge
+board without torch. GPU facts come from ``nvidia-smi`` when it is on the PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        for key in ("model name", "Hardware", "Processor", "cpu model"):
+            m = re.search(rf"^{key}\s*:\s*(.+)$", text, re.M)
+            if m:
+                return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            m = re.search(r"^(flags|Features)\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            have = set(m.group(2).split())
+            wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "neon",
+                      "sve", "fp16", "asimddp", "i8mm", "bf16")
+            return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def gpus() -> list[dict]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    result = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 3:
+            result.append({"name": parts[0], "driver": parts[1], "memory": parts[2]})
+    return result
+
+
+def fingerprint() -> dict:
+    """The facts that make two measurements comparable: same CPU, cores and GPU."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_cores": cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "gpus": gpus(),
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+    }
+
+
+#: Fingerprint fields that must agree for two tables to describe the same device.
+DEVICE_IDENTITY = ("cpu_model", "cpu_cores", "machine", "gpus")
+
+
+def device_identity(fp: dict) -> dict:
+    ident = {k: fp.get(k) for k in DEVICE_IDENTITY}
+    ident["gpus"] = [g.get("name") for g in (fp.get("gpus") or [])]
+    return ident

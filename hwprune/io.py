@@ -1,0 +1,50 @@
+"""Small file helpers: writes that never leave a half-written file behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import HwpruneError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise HwpruneError(f"cannot write '{path}': {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early, with one line, when ``path`` cannot be created."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HwpruneError(f"cannot create directory '{parent}' for '{path}': {e.strerror}") from None
+    if path.is_dir():
+        raise HwpruneError(f"output path '{path}' is a directory")
+    if not os.access(parent, os.W_OK):
+        raise HwpruneError(f"output directory '{parent}' is not writable")
+    return path

@@ -1,0 +1,225 @@
+"""Build a per-layer latency lookup table for one device.
+
+The plan: for each model, find its channel groups (:class:`~hwprune.space.PruningSpace`),
+sample width configurations across the whole space (the full model, uniform shrinks on
+multiples of 8, then random configurations denser on multiples of 8/16/32), and for each
+configuration
+
+1. time the whole subnet end to end in a fresh, unprofiled session (``e2e`` rows),
+2. profile it in a separate session and record every unit the runtime executes, keyed by
+   what the runtime really runs after its fusions (``insitu`` rows),
+3. micro-benchmark a few of its convolutions in isolation (``micro`` rows).
+
+Rows are committed after every configuration with an atomic write, so killing the run
+loses at most the configuration in flight; ``resume=True`` continues a partial table and
+``max_minutes`` stops cleanly with a usable partial table (marked partial in its metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .backends.base import Backend, ModelArtifact
+from .errors import HwpruneError, TableMismatch
+from .export import export_onnx
+from .io import check_writable
+from .measure import MeasureConfig
+from .space import PruningSpace, WidthConfig
+from .table import LatencyTable, TableMeta, stats_columns, unit_row
+from .units import UnitKey, UnitSpec
+
+
+@dataclass(frozen=True)
+class ProfilePlan:
+    """What a profiling run measures; stored in the table so that ``--resume`` can check it."""
+
+    models: tuple[str, ...]
+    batch: int = 1
+    input_size: int | None = None
+    configs: int = 100
+    seed: int = 0
+    micro_per_config: int = 2
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["models"] = list(self.models)
+        return d
+
+
+def plan_configs(space: PruningSpace, n: int, seed: int) -> list[tuple[str, WidthConfig]]:
+    """``n`` width configurations: the full model, uniform shrinks, then random ones."""
+    out: list[tuple[str, WidthConfig]] = [("full", space.full())]
+    for f in (0.75, 0.5, 0.25):
+        out.append((f"uniform{int(f * 100)}", space.uniform(f, multiple=8)))
+    rng = random.Random(seed)
+    i = 0
+    while len(out) < n:
+        i += 1
+        out.append((f"r{i:04d}", space.sample(rng)))
+    return out[:n]
+
+
+def unit_specs(module: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, UnitSpec]]:
+    """Source-level convolution and linear layers of ``module`` with their input shapes."""
+    specs: list[tuple[str, UnitSpec]] = []
+    hooks = []
+
+    def hook(name):
+        def fn(m, inp, out):
+            x = inp[0]
+            if isinstance(m, nn.Conv2d):
+                pad = m.padding[0] if isinstance(m.padding, tuple) else (m.kernel_size[0] // 2)
+                specs.append((name, UnitSpec("conv", m.in_channels, m.out_channels, int(x.shape[2]), int(x.shape[3]),
+                                             m.kernel_size[0], m.kernel_size[1], m.stride[0], int(pad), m.groups,
+                                             m.dilation[0], int(x.shape[0]))))
+            elif isinstance(m, nn.Linear) and x.dim() == 2:
+                specs.append((name, UnitSpec("linear", m.in_features, m.out_features, batch=int(x.shape[0]))))
+        return fn
+
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            module(torch.randn(*input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return specs
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Profiler:
+    """Runs a :class:`ProfilePlan` on a backend and commits rows to a table file."""
+
+    def __init__(self, backend: Backend, plan: ProfilePlan, out: str | Path):
+        self.backend = backend
+        self.plan = plan
+        self.out = Path(out)
+
+    def settings(self) -> dict:
+        return {**self.backend.settings(), "batch": self.plan.batch, "input_size": self.plan.input_size}
+
+    def _open(self, resume: bool, overwrite: bool) -> LatencyTable:
+        if self.out.exists() and not (resume or overwrite):
+            raise HwpruneError(f"'{self.out}' already exists", "pass --resume to continue it or --overwrite to replace it")
+        check_writable(self.out)
+        if resume and self.out.exists():
+            table = LatencyTable.load(self.out, allow_empty=True)
+            table.check_settings(self.settings(), what="settings of this run")
+            from .fingerprint import fingerprint
+
+            table.check_settings({}, fingerprint(), what="device of this run")
+            theirs = table.meta.plan
+            for k, v in self.plan.to_dict().items():
+                if theirs.get(k) != v:
+                    raise TableMismatch(f"cannot resume '{self.out}': its plan has {k}={theirs.get(k)!r}, "
+                                        f"this run asks for {v!r}")
+            return table
+        meta = TableMeta(settings=self.settings(), models=list(self.plan.models), plan=self.plan.to_dict())
+        return LatencyTable(None, meta)
+
+    def run(self, resume: bool = False, overwrite: bool = False, max_minutes: float | None = None,
+            progress: ProgressFn | None = None) -> LatencyTable:
+        table = self._open(resume, overwrite)
+        spaces = {m: PruningSpace.from_name(m, input_size=self.plan.input_size) for m in self.plan.models}
+        items = [(m, cid, cfg) for m in self.plan.models
+                 for cid, cfg in plan_configs(spaces[m], self.plan.configs, self.plan.seed)]
+        table.meta.items_planned = len(items)
+        done = table.items_done()
+        seen_specs = set(table.rows.loc[table.rows["source"] == "micro", "node"].dropna()) if len(table) else set()
+        t_start = time.perf_counter()
+        prior = table.meta.profile_seconds
+        torch_threads = torch.get_num_threads()
+        if self.backend.name != "torch":
+            torch.set_num_threads(1)  # keep torch's own thread pool quiet while another runtime is timed
+        try:
+            for k, (model, cid, cfg) in enumerate(items):
+                item = f"{model}/{cid}"
+                if progress:
+                    progress(item, k, len(items))
+                if item in done:
+                    continue
+                if max_minutes is not None and time.perf_counter() - t_start >= max_minutes * 60:
+                    break
+                rows = self._measure_item(spaces[model], model, cid, item, cfg, seen_specs)
+                table.append(rows)
+                table.meta.items_done = len(table.items_done())
+                table.meta.complete = table.meta.items_done >= len(items)
+                table.meta.profile_seconds = prior + time.perf_counter() - t_start
+                table.save(self.out)
+        finally:
+            torch.set_num_threads(torch_threads)
+        if progress:
+            progress("", len(items), len(items))
+        if not len(table):
+            table.save(self.out)
+        return table
+
+    def _measure_item(self, space: PruningSpace, model: str, cid: str, item: str, cfg: WidthConfig,
+                      seen_specs: set) -> list[dict]:
+        module = space.apply(cfg).eval()
+        c, h, w = space.input_shape[1:]
+        shape = (self.plan.batch, c, h, w)
+        rows: list[dict] = []
+        with tempfile.TemporaryDirectory(prefix="hwprune-item-") as d:
+            art = ModelArtifact(input_shape=shape, module=module, name=item)
+            if self.backend.needs_onnx():
+                art.onnx_path = export_onnx(module, shape, Path(d) / "model.onnx")
+            e2e = self.backend.measure_e2e(art)
+            widths = json.dumps(cfg.widths)
+            rows.append(unit_row(UnitKey(op="model", batch=self.plan.batch, h=h, w=w), e2e.stats, source="e2e",
+                                 item=item, model=model, config=cid, attempts=e2e.attempts, setup_ms=e2e.setup_ms,
+                                 first_run_ms=e2e.first_run_ms, widths=widths))
+            for lt in self.backend.profile_layers(art):
+                rows.append(unit_row(lt.unit, lt.stats, source="insitu", item=item, model=model, config=cid,
+                                     layer=lt.layer, node=lt.node))
+            if self.plan.micro_per_config > 0:
+                rng = random.Random(f"{self.plan.seed}/{item}")
+                fresh = [(n, s) for n, s in unit_specs(module, shape) if s.key() not in seen_specs]
+                rng.shuffle(fresh)
+                for name, spec in fresh[: self.plan.micro_per_config]:
+                    seen_specs.add(spec.key())
+                    for lt in self.backend.measure_unit(spec, Path(d)):
+                        rows.append(unit_row(lt.unit, lt.stats, source="micro", item=item, model=model, config=cid,
+                                             layer=name, node=spec.key()))
+        return rows
+
+
+def profile(models: Sequence[str] | str, out: str | Path, backend: str | Backend = "onnxruntime", *, batch: int = 1,
+            threads: int | None = None, input_size: int | None = None, configs: int = 100, seed: int = 0,
+            micro_per_config: int = 2, measure: MeasureConfig | None = None, resume: bool = False,
+            overwrite: bool = False, max_minutes: float | None = None,
+            progress: ProgressFn | None = None) -> LatencyTable:
+    """Profile ``models`` on this machine and write a latency table to ``out``.
+
+    >>> table = profile("cifar_resnet20", "r20.parquet", threads=2, configs=20)  # doctest: +SKIP
+    """
+    from .backends import create_backend
+    from .models import is_model
+
+    names = (models,) if isinstance(models, str) else tuple(models)
+    for n in names:
+        if not is_model(n):
+            from .models import create_model
+
+            create_model(n)  # raises the one-line "unknown model" error with suggestions
+    if batch < 1:
+        raise HwpruneError(f"batch must be at least 1, got {batch}")
+    if configs < 1:
+        raise HwpruneError(f"configs must be at least 1, got {configs}")
+    be = backend if isinstance(backend, Backend) else create_backend(backend, threads=threads, measure=measure)
+    plan = ProfilePlan(models=names, batch=batch, input_size=input_size, configs=configs, seed=seed,
+                       micro_per_config=micro_per_config)
+    return Profiler(be, plan, out).run(resume=resume, overwrite=overwrite, max_minutes=max_minutes, progress=progress)

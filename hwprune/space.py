@@ -1,0 +1,274 @@
+"""The width space of a model: its prunable channel groups and width configurations.
+
+Channels that must be pruned together (all convolutions joined by residual adds, a
+depthwise convolution and the convolution feeding it) form one :class:`ChannelGroup`,
+found with Torch-Pruning's dependency graph. A group's id is a stable, readable name: the
+first module (in ``named_modules`` order) whose output channels belong to it.
+
+A :class:`WidthConfig` gives every group a channel count; :meth:`PruningSpace.apply`
+turns it into a physically smaller ``nn.Module`` by Torch-Pruning's surgery.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import HwpruneError
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    id: str
+    channels: int
+    modules: tuple[str, ...]  # modules whose output channels this group prunes
+    kind: str  # "conv" | "residual" | "depthwise" | "linear"
+
+    def __str__(self) -> str:
+        more = f" (+{len(self.modules) - 1} coupled)" if len(self.modules) > 1 else ""
+        return f"{self.id}: {self.channels} channels, {self.kind}{more}"
+
+
+@dataclass
+class WidthConfig:
+    """Channels kept per group: ``{"model": NAME, "widths": {GROUP_ID: channels}}``."""
+
+    model: str
+    widths: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "widths": dict(self.widths)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | Path) -> Path:
+        from .io import atomic_write_text
+
+        return atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "WidthConfig":
+        if not isinstance(d, Mapping) or "widths" not in d or not isinstance(d["widths"], Mapping):
+            raise HwpruneError("a width configuration must be a JSON object with a 'widths' mapping",
+                               'expected {"model": NAME, "widths": {GROUP_ID: channels}}')
+        return cls(model=str(d.get("model", "")), widths=dict(d["widths"]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WidthConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise HwpruneError(f"width file '{p}' does not exist")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise HwpruneError(f"width file '{p}' is not valid JSON: {e.msg} at line {e.lineno}") from None
+
+
+def _classifier(module: nn.Module) -> list[nn.Module]:
+    lin = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return lin[-1:] if lin else []
+
+
+class PruningSpace:
+    """The prunable channel groups of one model."""
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], name: str = "model",
+                 ignored: Iterable[nn.Module] | None = None):
+        self.model = model
+        self.name = name
+        self.input_shape = tuple(int(s) for s in input_shape)
+        names = {m: n for n, m in model.named_modules()}
+        ignored = list(ignored) if ignored is not None else _classifier(model)
+        self._ignored_names = [names[m] for m in ignored if m in names]
+        self.groups: list[ChannelGroup] = self._find_groups(model)
+        self._by_id = {g.id: g for g in self.groups}
+
+    @classmethod
+    def from_name(cls, name: str, input_size: int | None = None) -> "PruningSpace":
+        from .models import create_model
+
+        spec = create_model(name, input_size=input_size)
+        return cls(spec.module, spec.input_shape(1), name=name)
+
+    # -- groups --------------------------------------------------------------------
+    def _dependency_graph(self, model: nn.Module):
+        x = torch.randn(self.input_shape)
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        mods = dict(model.named_modules())
+        ignored = [mods[n] for n in self._ignored_names if n in mods]
+        return dg, ignored
+
+    def _raw_groups(self, model: nn.Module):
+        dg, ignored = self._dependency_graph(model)
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        names = {m: n for n, m in model.named_modules()}
+        out = []
+        for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+            outs = []
+            for item in g:
+                m = item.dep.target.module
+                if isinstance(m, (nn.Conv2d, nn.Linear)) and dg.is_out_channel_pruning_fn(item.dep.handler):
+                    if m in names and names[m] not in outs:
+                        outs.append(names[m])
+            if not outs:
+                continue
+            outs.sort(key=lambda n: order[n])
+            out.append((outs, g, dg))
+        return out
+
+    def _find_groups(self, model: nn.Module) -> list[ChannelGroup]:
+        mods = dict(model.named_modules())
+        groups = []
+        for outs, g, dg in self._raw_groups(model):
+            root = mods[outs[0]]
+            channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
+            dw = [n for n in outs if isinstance(mods[n], nn.Conv2d) and mods[n].groups > 1]
+            convs = [n for n in outs if n not in dw]
+            if dw:
+                kind = "depthwise"
+            elif isinstance(root, nn.Linear):
+                kind = "linear"
+            elif len(convs) > 1:
+                kind = "residual"
+            else:
+                kind = "conv"
+            groups.append(ChannelGroup(id=outs[0], channels=int(channels), modules=tuple(outs), kind=kind))
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        groups.sort(key=lambda gr: order[gr.id])
+        return groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, gid: str) -> ChannelGroup:
+        return self._by_id[gid]
+
+    def __str__(self) -> str:
+        lines = [f"PruningSpace({self.name}, {len(self.groups)} groups)"]
+        lines += [f"  {g}" for g in self.groups]
+        return "\n".join(lines)
+
+    # -- configurations ------------------------------------------------------------
+    def full(self) -> WidthConfig:
+        return WidthConfig(self.name, {g.id: g.channels for g in self.groups})
+
+    def uniform(self, fraction: float, multiple: int = 1) -> WidthConfig:
+        w = {}
+        for g in self.groups:
+            c = max(1, round(g.channels * fraction))
+            if multiple > 1 and c >= multiple:
+                c = min(g.channels, int(round(c / multiple)) * multiple)
+            w[g.id] = c
+        return WidthConfig(self.name, w)
+
+    def validate(self, cfg: WidthConfig | Mapping[str, int], partial: bool = True) -> WidthConfig:
+        """Check a configuration and fill missing groups with their full width."""
+        if isinstance(cfg, WidthConfig):
+            if cfg.model and self.name != "model" and cfg.model != self.name:
+                raise HwpruneError(f"width configuration is for model '{cfg.model}', not '{self.name}'")
+            widths = cfg.widths
+        else:
+            widths = dict(cfg)
+        unknown = [k for k in widths if k not in self._by_id]
+        if unknown:
+            raise HwpruneError(f"unknown channel group '{unknown[0]}' for model '{self.name}'",
+                               f"valid groups: {', '.join(g.id for g in self.groups[:6])}"
+                               f"{', ...' if len(self.groups) > 6 else ''} (`hwprune groups --model {self.name}`)")
+        out = {}
+        for g in self.groups:
+            if g.id not in widths:
+                if not partial:
+                    raise HwpruneError(f"width configuration lacks group '{g.id}'")
+                out[g.id] = g.channels
+                continue
+            v = widths[g.id]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+                raise HwpruneError(f"width of group '{g.id}' must be an integer, got {v!r}")
+            v = int(v)
+            if v < 1 or v > g.channels:
+                raise HwpruneError(f"width of group '{g.id}' must be between 1 and {g.channels}, got {v}")
+            out[g.id] = v
+        return WidthConfig(self.name, out)
+
+    def sample(self, rng: random.Random, min_fraction: float = 0.1,
+               steps: Sequence[int] = (8, 16, 32), p_step: float = 0.5) -> WidthConfig:
+        """One random configuration across the whole space.
+
+        A global scale is drawn first and each group varies around it (so that small and
+        large networks are both sampled, not only average ones); a width lands on a
+        multiple of 8, 16 or 32 with probability ``p_step``, where latency staircases live.
+        """
+        scale = rng.uniform(min_fraction, 1.0)
+        correlated = rng.random() < 0.7
+        w = {}
+        for g in self.groups:
+            lo = max(1, math.ceil(min_fraction * g.channels))
+            f = min(1.0, max(min_fraction, scale * rng.uniform(0.75, 1.25))) if correlated else rng.uniform(min_fraction, 1.0)
+            c = min(g.channels, max(lo, round(f * g.channels)))
+            if rng.random() < p_step:
+                step = rng.choice(list(steps))
+                if g.channels >= step:
+                    cands = [m for m in range(step, g.channels + 1, step) if m >= lo]
+                    if cands:
+                        c = min(cands, key=lambda m: abs(m - c))
+            w[g.id] = int(c)
+        return WidthConfig(self.name, w)
+
+    # -- surgery -------------------------------------------------------------------
+    def apply(self, widths: WidthConfig | Mapping[str, int], model: nn.Module | None = None,
+              keep: Mapping[str, Sequence[int]] | None = None, inplace: bool = False) -> nn.Module:
+        """A physically smaller copy of ``model`` (default: the space's model).
+
+        ``keep`` optionally names, per group, the channel indices that survive (chosen by
+        an importance criterion); otherwise the first ``width`` channels are kept.
+        """
+        cfg = self.validate(widths)
+        model = model if model is not None else self.model
+        if not inplace:
+            model = copy.deepcopy(model)
+        mods = dict(model.named_modules())
+        todo = {gid: w for gid, w in cfg.widths.items() if w < self._by_id[gid].channels}
+        if not todo:
+            return model
+        dg, _ = self._dependency_graph(model)
+        for gid, w in todo.items():
+            root = mods[gid]
+            fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+            n = self._by_id[gid].channels
+            if keep is not None and gid in keep:
+                kept = sorted(int(i) for i in keep[gid])
+                if len(kept) != w or len(set(kept)) != w or kept[0] < 0 or kept[-1] >= n:
+                    raise HwpruneError(f"keep indices of group '{gid}' must be {w} distinct channels in [0, {n})")
+            else:
+                kept = list(range(w))
+            kept_set = set(kept)
+            idxs = [i for i in range(n) if i not in kept_set]
+            group = dg.get_pruning_group(root, fn, idxs=idxs)
+            group.prune()
+        return model
+
+    def widths_of(self, model: nn.Module) -> WidthConfig:
+        """Read the widths of a (pruned) copy of this space's model."""
+        mods = dict(model.named_modules())
+        w = {}
+        for g in self.groups:
+            m = mods[g.id]
+            w[g.id] = int(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+        return WidthConfig(self.name, w)
+
+
+def apply_widths(module: nn.Module, widths: Mapping[str, int], input_size: Sequence[int], name: str = "model") -> nn.Module:
+    """Prune ``module`` in place to ``widths`` (used when rebuilding checkpoints)."""
+    space = PruningSpace(module, (1, *input_size), name=name)
+    return space.apply(widths, inplace=True)
