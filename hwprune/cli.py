@@ -51,6 +51,3 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         raise
 
-
-if __name__ == "__main__":
-    main()

@@ -28,13 +28,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .backends.base import Backend, ModelArtifact
+from .backends.base import Backend, LayerTiming, ModelArtifact
 from .errors import HwpruneError, TableMismatch
 from .export import export_onnx
 from .io import check_writable
-from .measure import MeasureConfig
+from .measure import MeasureConfig, Measurement
 from .space import PruningSpace, WidthConfig
-from .table import LatencyTable, TableMeta, stats_columns, unit_row
+from .table import LatencyTable, TableMeta, unit_row
 from .units import UnitKey, UnitSpec
 
 
@@ -133,14 +133,13 @@ class Profiler:
     def run(self, resume: bool = False, overwrite: bool = False, max_minutes: float | None = None,
             progress: ProgressFn | None = None) -> LatencyTable:
         table = self._open(resume, overwrite)
-        spaces = {m: PruningSpace.from_name(m, input_size=self.plan.input_size) for m in self.plan.models}
-        items = [(m, cid, cfg) for m in self.plan.models
-                 for cid, cfg in plan_configs(spaces[m], self.plan.configs, self.plan.seed)]
+        spaces, items = plan_items(self.plan)
         table.meta.items_planned = len(items)
         done = table.items_done()
         seen_specs = set(table.rows.loc[table.rows["source"] == "micro", "node"].dropna()) if len(table) else set()
         t_start = time.perf_counter()
         prior = table.meta.profile_seconds
+        measured = 0
         torch_threads = torch.get_num_threads()
         if self.backend.name != "torch":
             torch.set_num_threads(1)  # keep torch's own thread pool quiet while another runtime is timed
@@ -151,9 +150,10 @@ class Profiler:
                     progress(item, k, len(items))
                 if item in done:
                     continue
-                if max_minutes is not None and time.perf_counter() - t_start >= max_minutes * 60:
-                    break
+                if max_minutes is not None and measured and time.perf_counter() - t_start >= max_minutes * 60:
+                    break  # at least one configuration per run, so that a partial table is usable
                 rows = self._measure_item(spaces[model], model, cid, item, cfg, seen_specs)
+                measured += 1
                 table.append(rows)
                 table.meta.items_done = len(table.items_done())
                 table.meta.complete = table.meta.items_done >= len(items)
@@ -170,31 +170,55 @@ class Profiler:
     def _measure_item(self, space: PruningSpace, model: str, cid: str, item: str, cfg: WidthConfig,
                       seen_specs: set) -> list[dict]:
         module = space.apply(cfg).eval()
-        c, h, w = space.input_shape[1:]
-        shape = (self.plan.batch, c, h, w)
-        rows: list[dict] = []
+        shape = (self.plan.batch, *space.input_shape[1:])
         with tempfile.TemporaryDirectory(prefix="hwprune-item-") as d:
             art = ModelArtifact(input_shape=shape, module=module, name=item)
             if self.backend.needs_onnx():
                 art.onnx_path = export_onnx(module, shape, Path(d) / "model.onnx")
             e2e = self.backend.measure_e2e(art)
-            widths = json.dumps(cfg.widths)
-            rows.append(unit_row(UnitKey(op="model", batch=self.plan.batch, h=h, w=w), e2e.stats, source="e2e",
-                                 item=item, model=model, config=cid, attempts=e2e.attempts, setup_ms=e2e.setup_ms,
-                                 first_run_ms=e2e.first_run_ms, widths=widths))
-            for lt in self.backend.profile_layers(art):
-                rows.append(unit_row(lt.unit, lt.stats, source="insitu", item=item, model=model, config=cid,
-                                     layer=lt.layer, node=lt.node))
-            if self.plan.micro_per_config > 0:
-                rng = random.Random(f"{self.plan.seed}/{item}")
-                fresh = [(n, s) for n, s in unit_specs(module, shape) if s.key() not in seen_specs]
-                rng.shuffle(fresh)
-                for name, spec in fresh[: self.plan.micro_per_config]:
-                    seen_specs.add(spec.key())
-                    for lt in self.backend.measure_unit(spec, Path(d)):
-                        rows.append(unit_row(lt.unit, lt.stats, source="micro", item=item, model=model, config=cid,
-                                             layer=name, node=spec.key()))
-        return rows
+            layers = self.backend.profile_layers(art)
+            micro = [(name, spec, self.backend.measure_unit(spec, Path(d)))
+                     for name, spec in pick_micro(module, shape, self.plan, item, seen_specs)]
+        return item_rows(model, cid, item, cfg, shape, e2e, layers, micro)
+
+
+def pick_micro(module: nn.Module, shape: Sequence[int], plan: ProfilePlan, item: str,
+               seen_specs: set) -> list[tuple[str, UnitSpec]]:
+    """Up to ``plan.micro_per_config`` layers of this subnet not yet benchmarked in isolation."""
+    if plan.micro_per_config <= 0:
+        return []
+    rng = random.Random(f"{plan.seed}/{item}")
+    fresh = [(n, s) for n, s in unit_specs(module, shape) if s.key() not in seen_specs]
+    rng.shuffle(fresh)
+    picked = fresh[: plan.micro_per_config]
+    seen_specs.update(s.key() for _, s in picked)
+    return picked
+
+
+def item_rows(model: str, cid: str, item: str, cfg: WidthConfig, shape: Sequence[int], e2e: Measurement | None,
+              layers: list[LayerTiming], micro: list[tuple[str, UnitSpec, list[LayerTiming]]]) -> list[dict]:
+    """Table rows of one measured configuration (used by local runs and bundle imports)."""
+    batch, _, h, w = shape
+    rows: list[dict] = []
+    if e2e is not None:
+        rows.append(unit_row(UnitKey(op="model", batch=batch, h=h, w=w), e2e.stats, source="e2e", item=item,
+                             model=model, config=cid, attempts=e2e.attempts, setup_ms=e2e.setup_ms,
+                             first_run_ms=e2e.first_run_ms, widths=json.dumps(cfg.widths)))
+    for lt in layers:
+        rows.append(unit_row(lt.unit, lt.stats, source="insitu", item=item, model=model, config=cid,
+                             layer=lt.layer, node=lt.node))
+    for name, spec, unit_layers in micro:
+        for lt in unit_layers:
+            rows.append(unit_row(lt.unit, lt.stats, source="micro", item=item, model=model, config=cid,
+                                 layer=name, node=spec.key()))
+    return rows
+
+
+def plan_items(plan: ProfilePlan) -> tuple[dict[str, PruningSpace], list[tuple[str, str, WidthConfig]]]:
+    """The spaces of the plan's models and its (model, config id, widths) items, in order."""
+    spaces = {m: PruningSpace.from_name(m, input_size=plan.input_size) for m in plan.models}
+    items = [(m, cid, cfg) for m in plan.models for cid, cfg in plan_configs(spaces[m], plan.configs, plan.seed)]
+    return spaces, items
 
 
 def profile(models: Sequence[str] | str, out: str | Path, backend: str | Backend = "onnxruntime", *, batch: int = 1,

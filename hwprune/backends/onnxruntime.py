@@ -72,7 +72,7 @@ class OnnxRuntimeBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="hwprune-opt-") as d:
             opt = Path(d) / "optimized.onnx"
             nodes = profile_model(src, self.ort, self.measure_cfg, optimized_path=opt)
-            return OrtGraphReader(src, opt).units(nodes, self.measure_cfg.cov_threshold)
+            return OrtGraphReader(src, opt).units(nodes)
 
     def measure_unit(self, spec: UnitSpec, workdir: Path) -> list[LayerTiming]:
         """The unit's executed nodes, timed by the runtime's profiler in an isolated model."""

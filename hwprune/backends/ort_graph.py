@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 from onnx import helper, shape_inference
 
-from ..device.ort_runner import NodeSamples
+from ..device.ort_runner import NodeRecord
 from ..units import UnitKey, onnx_node_to_module
 from .base import LayerTiming
 
@@ -98,7 +98,7 @@ class OrtGraphReader:
         return None
 
     # -- rows ----------------------------------------------------------------------
-    def units(self, samples: list[NodeSamples], cov_threshold: float) -> list[LayerTiming]:
+    def units(self, samples: list[NodeRecord]) -> list[LayerTiming]:
         rows: list[LayerTiming] = []
         layer_of_exec: dict[str, str] = {}
         pending_reorders = []
@@ -153,7 +153,7 @@ class OrtGraphReader:
                           dilation=dilation, h=h, w=w, batch=batch, activation=activation, fused_add=fused_add,
                           layout="nchwc" if domain == "com.microsoft.nchwc" else "nchw",
                           cin_exec=cin_exec, cout_exec=cout_exec)
-            lt = LayerTiming(unit=key, stats=ns.stats(cov_threshold), node=ns.name, layer=layer)
+            lt = LayerTiming(unit=key, stats=ns.stats, node=ns.name, layer=layer)
             rows.append(lt)
             layer_of_exec[ns.name] = layer
             if ns.op in ("ReorderInput", "ReorderOutput") and node is not None:

@@ -91,6 +91,25 @@ def time_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig)
 
 
 @dataclass
+class NodeRecord:
+    """One executed node of a profiled run: what the runtime reported, summarised."""
+
+    name: str
+    op: str
+    input_shapes: list[list[int]]
+    output_shapes: list[list[int]]
+    stats: Stats
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op": self.op, "input_shapes": self.input_shapes,
+                "output_shapes": self.output_shapes, "stats": self.stats.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NodeRecord":
+        return cls(d["name"], d["op"], d["input_shapes"], d["output_shapes"], Stats(**d["stats"]))
+
+
+@dataclass
 class NodeSamples:
     """Per-node samples of a profiled run, as the runtime reported them."""
 
@@ -103,9 +122,8 @@ class NodeSamples:
     def stats(self, cov_threshold: float) -> Stats:
         return Stats.from_samples(self.samples_ms, cov_threshold)
 
-    def to_dict(self, cov_threshold: float) -> dict:
-        return {"name": self.name, "op": self.op, "input_shapes": self.input_shapes,
-                "output_shapes": self.output_shapes, "stats": self.stats(cov_threshold).to_dict()}
+    def record(self, cov_threshold: float) -> NodeRecord:
+        return NodeRecord(self.name, self.op, self.input_shapes, self.output_shapes, self.stats(cov_threshold))
 
 
 def _shapes(arg) -> list[list[int]]:
@@ -138,11 +156,12 @@ def _parse_profile(path: str, skip_runs: int) -> list[NodeSamples]:
 
 
 def profile_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig,
-                  optimized_path: str | Path | None = None) -> list[NodeSamples]:
+                  optimized_path: str | Path | None = None) -> list[NodeRecord]:
     """Per-node kernel times from ONNX Runtime's profiler (a run separate from timing).
 
     ``optimized_path``, when given, receives the graph the runtime really executes, so
-    the host can read fused activations, fused Adds and layout reorders from it.
+    the host can read fused activations, fused Adds and layout reorders from it. Only its
+    structure is kept: the weights ONNX Runtime writes beside it are deleted at once.
     Nodes whose time is unstable are measured again (up to ``cfg.retries`` times); the
     attempt with the least time in unstable nodes is kept.
     """
@@ -155,9 +174,18 @@ def profile_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConf
         tmpdir = tempfile.mkdtemp(prefix="hwprune-prof-")
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmpdir, "p")
+        weights = None
         if optimized_path is not None and attempt == 0:
             so.optimized_model_filepath = str(optimized_path)
+            weights = Path(optimized_path).name + ".weights"
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights)
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         sess = ort.InferenceSession(str(onnx_path), so, providers=[settings.provider])
+        if weights is not None:
+            try:
+                os.remove(Path(optimized_path).parent / weights)
+            except OSError:
+                pass
         feeds = _feeds(sess)
         runs = 0
         t_end = time.perf_counter() + cfg.warmup_s
@@ -191,22 +219,5 @@ def profile_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConf
         if bad <= 0.1:
             break
     assert best is not None
-    return best
+    return [n.record(cfg.cov_threshold) for n in best]
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise

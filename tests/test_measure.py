@@ -1,0 +1,46 @@
+import itertools
+
+import pytest
+
+from hwprune.measure import MeasureConfig, Stats, measure, robust_cov
+
+
+def test_stats_nearest_rank_percentiles():
+    s = Stats.from_samples(list(range(1, 101)))  # 1..100
+    assert s.median == 50.5 and s.min == 1 and s.count == 100
+    assert s.p90 == 90 and s.p95 == 95 and s.p99 == 99
+    assert s.mean == pytest.approx(50.5)
+    assert s.cov == pytest.approx(s.std / s.mean)
+
+
+def test_robust_cov_ignores_rare_outliers_but_not_spread():
+    steady = [1.0] * 999 + [50.0]
+    assert robust_cov(steady) == 0.0
+    assert Stats.from_samples(steady).cov > 1.0  # the plain CoV is dominated by the one outlier
+    spread = [1.0, 1.5] * 50
+    assert robust_cov(spread) > 0.2
+
+
+def test_measure_respects_min_iters_and_time():
+    cfg = MeasureConfig(warmup_s=0.0, min_iters=7, min_time_s=0.0, retries=0)
+    m = measure(lambda: 1.0, cfg)
+    assert m.stats.count == 7 and m.stats.median == 1.0 and not m.stats.unstable
+
+
+def test_unstable_measurement_is_retried_and_flagged():
+    noisy = itertools.cycle([1.0, 2.0, 3.0])
+    cfg = MeasureConfig(warmup_s=0.0, min_iters=9, min_time_s=0.0, cov_threshold=0.05, retries=2)
+    m = measure(lambda: next(noisy), cfg)
+    assert m.attempts == 3 and m.stats.unstable
+
+
+def test_steady_after_retry_is_not_flagged():
+    calls = {"n": 0}
+
+    def step():
+        calls["n"] += 1
+        return 1.0 + (calls["n"] % 3) if calls["n"] <= 9 else 1.0
+
+    cfg = MeasureConfig(warmup_s=0.0, min_iters=9, min_time_s=0.0, cov_threshold=0.05, retries=2)
+    m = measure(step, cfg)
+    assert m.attempts == 2 and not m.stats.unstable and m.stats.median == 1.0
