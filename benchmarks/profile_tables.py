@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TABLES = ROOT / "latency_tables"
 RESULTS = ROOT / "benchmarks" / "results"
 # model -> width configurations per table
-PLAN = {"resnet18": 100, "resnet50": 100, "mobilenet_v2": 100, "cifar_resnet56": 150}
+PLAN = {"resnet18": 100, "resnet50": 100, "mobilenet_v2": 100, "cifar_resnet56": 150,
+        # families kept out of the predictor's design, to test that it generalises (batch 1 only)
+        "cifar_vgg16_bn": 80, "efficientnet_b0": 80}
+SHIPPED = ["resnet18", "resnet50", "mobilenet_v2", "cifar_resnet56"]
 THREADS = 2
 
 
@@ -34,19 +37,19 @@ def table_path(model: str, batch: int) -> Path:
     return TABLES / f"onnxruntime-cpu-t{THREADS}-b{batch}" / f"{model}.parquet"
 
 
-def build(model: str, batch: int, configs: int) -> dict:
+def build(model: str, batch: int, configs: int, overwrite: bool = False) -> dict:
     out = table_path(model, batch)
     cmd = ["hwprune", "profile", "--model", model, "--backend", "onnxruntime", "--batch", str(batch),
            "--threads", str(THREADS), "--configs", str(configs), "--out", str(out.relative_to(ROOT)), "--json"]
     if out.exists():
-        cmd.append("--resume")
+        cmd.append("--overwrite" if overwrite else "--resume")
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr.strip().splitlines()[-1]}")
     summary = json.loads(r.stdout)
     return {"model": model, "batch": batch, "configs": configs, "table": str(out.relative_to(ROOT)),
-            "command": " ".join(cmd[:-1] if cmd[-1] == "--resume" else cmd),
+            "command": " ".join(cmd[:-1] if cmd[-1] in ("--resume", "--overwrite") else cmd),
             "wall_seconds_this_run": round(time.time() - t0, 1), "profile_seconds": summary["profile_seconds"],
             "measurements": summary["rows"], "e2e": summary["e2e_rows"], "insitu": summary["insitu_rows"],
             "micro": summary["micro_rows"], "distinct_units": summary["distinct_units"],
@@ -115,23 +118,58 @@ def write(results: dict) -> None:
     (RESULTS / "profiling.md").write_text("\n".join(lines) + "\n")
 
 
+def _short(command: str) -> str:
+    head, _, rest = command.partition(" ")
+    return f"{Path(head).name} {rest}"
+
+
+def write_tables_readme() -> None:
+    """latency_tables/README.md: every shipped table and how it was made (from its own metadata)."""
+    from hwprune.table import LatencyTable
+
+    lines = ["# Shipped latency tables", "",
+             "Each table is a Parquet file written by `hwprune profile` (format: see the main README). Its metadata",
+             "holds the device fingerprint, the settings, the plan and the exact command; this list is generated",
+             "from that metadata by `python benchmarks/profile_tables.py`. Load one with",
+             "`hwprune.LatencyTable.load(path)` or inspect it with `hwprune table info PATH`.", "",
+             "Only use a table for the device and settings it was measured with: hwprune refuses to merge or",
+             "validate tables across devices or settings. Profile your own device with the same command.", "",
+             "| table | model | batch | threads | configs | rows | device | backend | profiled (s) | date | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(TABLES.glob("*/*.parquet")):
+        t = LatencyTable.load(path)
+        s, fp = t.settings, t.meta.fingerprint
+        lines.append(f"| `{path.relative_to(TABLES)}` | {', '.join(t.meta.models)} | {s.get('batch')} | {s.get('threads')} | "
+                     f"{t.meta.items_done}/{t.meta.items_planned} | {len(t)} | {fp.get('cpu_model')} "
+                     f"({fp.get('cpu_cores')} cores, {' '.join(fp.get('cpu_flags') or [])}) | "
+                     f"{s.get('backend')} {s.get('backend_version')} {s.get('execution_provider')} | "
+                     f"{t.meta.profile_seconds:.0f} | {t.meta.created[:10]} | `{_short(t.meta.command)}` |")
+    lines += ["", "No GPU tables yet: no NVIDIA GPU was available when these were made. On a GPU machine:",
+              "`hwprune profile --model resnet50 --backend torch --device cuda --batch 64 --out ...` and",
+              "`pip install -e '.[tensorrt]'` then `--backend tensorrt --device cuda`."]
+    (TABLES / "README.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", default=list(PLAN))
+    ap.add_argument("--only", nargs="*", default=SHIPPED)
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--skip-stability", action="store_true")
+    ap.add_argument("--configs", type=int, default=None, help="override the plan's configurations per table")
+    ap.add_argument("--overwrite", action="store_true", help="measure the listed tables again from scratch")
     args = ap.parse_args()
     prev = json.loads((RESULTS / "profiling.json").read_text()) if (RESULTS / "profiling.json").exists() else {}
     tables = {(t["model"], t["batch"]): t for t in prev.get("tables", [])}
     for batch in args.batches:
         for model in args.only:
             print(f"profiling {model} batch {batch} ...", file=sys.stderr, flush=True)
-            tables[(model, batch)] = build(model, batch, PLAN[model])
+            tables[(model, batch)] = build(model, batch, args.configs or PLAN[model], args.overwrite)
             write({"machine": machine(), "tables": list(tables.values()), "stability": prev.get("stability")})
     results = {"machine": machine(), "tables": list(tables.values()), "stability": prev.get("stability")}
     if not args.skip_stability:
         results["stability"] = stability()
     write(results)
+    write_tables_readme()
     print(json.dumps(results, indent=1))
 
 

@@ -17,6 +17,11 @@ _LAZY = {
     "create_backend": ("hwprune.backends", "create_backend"),
     "MeasureConfig": ("hwprune.measure", "MeasureConfig"),
     "profile": ("hwprune.profiler", "profile"),
+    "LatencyPredictor": ("hwprune.predict", "LatencyPredictor"),
+    "Checkpoint": ("hwprune.checkpoint", "Checkpoint"),
+    "objective": ("hwprune.cost", "objective"),
+    "gcp": ("hwprune.gcp", "gcp"),
+    "bench": ("hwprune.bench", "bench"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -20,11 +20,7 @@ console = Console(stderr=True)
 
 
 def _register_commands() -> None:
-    from . import cli_profile  # noqa: F401  (devices, models, profile, table)
-    try:
-        from . import cli_train  # noqa: F401  (train, eval)
-    except ImportError:
-        pass
+    from . import cli_bench, cli_predict, cli_profile, cli_prune, cli_train  # noqa: F401  (register their commands)
 
 
 def main(argv: list[str] | None = None) -> None:

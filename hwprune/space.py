@@ -33,6 +33,7 @@ class ChannelGroup:
     modules: tuple[str, ...]  # modules whose output channels this group prunes
     kind: str  # "conv" | "residual" | "depthwise" | "linear"
     consumers: tuple[str, ...] = ()  # conv/linear modules whose input channels it prunes
+    norms: tuple[str, ...] = ()  # normalisation layers whose channels it prunes
 
     def __str__(self) -> str:
         more = f" (+{len(self.modules) - 1} coupled)" if len(self.modules) > 1 else ""
@@ -116,25 +117,30 @@ class PruningSpace:
         names = {m: n for n, m in model.named_modules()}
         out = []
         for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-            outs, ins = [], []
+            outs, ins, norms = [], [], []
             for item in g:
                 m = item.dep.target.module
-                if not isinstance(m, (nn.Conv2d, nn.Linear)) or m not in names:
+                if m not in names:
                     continue
-                bucket = outs if dg.is_out_channel_pruning_fn(item.dep.handler) else ins
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    bucket = norms
+                elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                    bucket = outs if dg.is_out_channel_pruning_fn(item.dep.handler) else ins
+                else:
+                    continue
                 if names[m] not in bucket:
                     bucket.append(names[m])
             if not outs:
                 continue
-            outs.sort(key=lambda n: order[n])
-            ins.sort(key=lambda n: order[n])
-            out.append((outs, ins))
+            for b in (outs, ins, norms):
+                b.sort(key=lambda n: order[n])
+            out.append((outs, ins, norms))
         return out
 
     def _find_groups(self, model: nn.Module) -> list[ChannelGroup]:
         mods = dict(model.named_modules())
         groups = []
-        for outs, ins in self._raw_groups(model):
+        for outs, ins, norms in self._raw_groups(model):
             root = mods[outs[0]]
             channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
             dw = [n for n in outs if isinstance(mods[n], nn.Conv2d) and mods[n].groups > 1]
@@ -148,7 +154,7 @@ class PruningSpace:
             else:
                 kind = "conv"
             groups.append(ChannelGroup(id=outs[0], channels=int(channels), modules=tuple(outs), kind=kind,
-                                       consumers=tuple(ins)))
+                                       consumers=tuple(ins), norms=tuple(norms)))
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         groups.sort(key=lambda gr: order[gr.id])
         return groups

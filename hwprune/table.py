@@ -45,6 +45,11 @@ SETTING_KEYS = ("backend", "backend_version", "execution_provider", "device", "t
                 "input_size")
 
 
+def command_line() -> str:
+    """The command that is running, with the program's directory left out."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""
+
+
 def _version() -> str:
     from . import __version__
 
@@ -62,7 +67,7 @@ class TableMeta:
     items_planned: int = 0
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     updated: str = ""
-    command: str = field(default_factory=lambda: " ".join(sys.argv))
+    command: str = field(default_factory=lambda: command_line())
     hwprune_version: str = field(default_factory=_version)
     profile_seconds: float = 0.0
     format: str = FORMAT

@@ -1,0 +1,96 @@
+"""``hwprune widths | predict | validate``."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli import app, console
+from .errors import HwpruneError
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=1, default=str))
+
+
+@app.command()
+def widths(model: str = typer.Option(..., "--model"),
+           random_n: int = typer.Option(..., "--random", min=1, help="How many random configurations."),
+           seed: int = typer.Option(0, "--seed"),
+           out: Path = typer.Option(..., "--out", help="Directory for the JSON files."),
+           input_size: Optional[int] = typer.Option(None, "--input-size")) -> None:
+    """Write random valid width configurations as JSON files."""
+    from .space import PruningSpace
+
+    space = PruningSpace.from_name(model, input_size=input_size)
+    rng = random.Random(seed)
+    for i in range(random_n):
+        space.sample(rng).save(out / f"{model}-{i:04d}.json")
+    console.print(f"wrote {random_n} width configurations of {model} ({len(space)} groups) to {out}")
+
+
+@app.command()
+def predict(table: Path = typer.Option(..., "--table"),
+            model: str = typer.Option(..., "--model"),
+            widths_file: Optional[Path] = typer.Option(None, "--widths", help="Width JSON (default: unpruned)."),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Predicted latency of a model (and per layer) on the table's device and settings."""
+    from rich.table import Table
+
+    from .predict import LatencyPredictor
+    from .space import PruningSpace, WidthConfig
+    from .table import LatencyTable
+
+    t = LatencyTable.load(table)
+    pred = LatencyPredictor().fit(t)
+    space = PruningSpace.from_name(model, input_size=t.settings.get("input_size"))
+    cfg = WidthConfig.load(widths_file) if widths_file else space.full()
+    if widths_file and cfg.model and cfg.model != model:
+        raise HwpruneError(f"width file '{widths_file}' is for model '{cfg.model}', not '{model}'")
+    cfg = space.validate(WidthConfig(model, cfg.widths))
+    total, layers = pred.predict_layers(model, cfg)
+    extrapolated = [l.layer for l in layers if l.extrapolated]
+    doc = {"model": model, "predicted_ms": total, "extrapolated": bool(extrapolated),
+           "extrapolated_layers": extrapolated, "layers": [l.to_dict() for l in layers],
+           "settings": {k: t.settings.get(k) for k in ("backend", "threads", "batch", "precision")},
+           "fit_seconds": round(pred.fit_seconds_, 2)}
+    if as_json:
+        _echo_json(doc)
+        return
+    tab = Table("layer", "kind", "cin", "cout", "hw", "ms", title=f"{model}: predicted {total:.3f} ms")
+    for l in layers:
+        tab.add_row(l.layer, l.kind, str(l.cin), str(l.cout), f"{l.h}x{l.w}",
+                    f"{l.predicted_ms:.4f}" + (" *" if l.extrapolated else ""))
+    console.print(tab)
+    if extrapolated:
+        console.print(f"[yellow]* extrapolated beyond the table's range[/] ({len(extrapolated)} layers)")
+
+
+@app.command()
+def validate(table: Path = typer.Option(..., "--table"),
+             model: str = typer.Option(..., "--model", help="Model name(s), comma separated."),
+             samples: int = typer.Option(20, "--samples", min=1, help="Random configurations per model."),
+             seed: int = typer.Option(0, "--seed"),
+             plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (default: beside the table)."),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Measure random pruned models end to end and compare them with the predictions."""
+    from .progress import item_progress
+    from .table import LatencyTable
+    from .validate import plot_validation, validate as run_validate
+
+    t = LatencyTable.load(table)
+    names = [m.strip() for m in model.split(",") if m.strip()]
+    with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
+        res = run_validate(t, names, samples, seed=seed, progress=update)
+    png = plot or table.with_suffix(".validation.png")
+    plot_validation(res, png)
+    doc = {**res.to_dict(), "plot": str(png)}
+    if as_json:
+        _echo_json(doc)
+        return
+    console.print(f"n={res.n}: {100 * res.within_5pct:.1f}% within ±5%, {100 * res.within_10pct:.1f}% within ±10%, "
+                  f"RMSPE {100 * res.rmspe:.2f}%, Spearman {res.spearman:.3f}; plot {png}")

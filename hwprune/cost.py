@@ -1,0 +1,117 @@
+"""Cost objectives behind one interface: parameters, FLOPs, activation memory, latency.
+
+Each objective gives a model's total cost for any number of width configurations at once,
+and each channel group's *marginal* cost: what removing ``step`` channels of that group
+saves at the current widths. Pruning methods consume the marginal costs; for latency they
+come from the device's predictor and change with the widths (staircases, fusions), so
+methods must ask again after every pruning step.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .errors import HwpruneError
+from .space import PruningSpace, WidthConfig
+from .template import ModelTemplate
+
+OBJECTIVES = ("params", "flops", "memory", "latency")
+
+
+class CostModel(Protocol):
+    name: str
+    unit: str
+
+    def total(self, configs: Sequence[WidthConfig | Mapping[str, int]] | np.ndarray) -> np.ndarray: ...
+
+    def marginal(self, config: WidthConfig | Mapping[str, int], step: int = 1) -> dict[str, float]: ...
+
+
+class _Base:
+    name = "base"
+    unit = ""
+
+    def __init__(self, space: PruningSpace):
+        self.space = space
+        self.template = ModelTemplate(space)
+
+    def _matrix(self, configs) -> np.ndarray:
+        return configs if isinstance(configs, np.ndarray) else self.template.width_matrix(list(configs))
+
+    def total(self, configs) -> np.ndarray:
+        raise NotImplementedError
+
+    def marginal(self, config, step: int = 1) -> dict[str, float]:
+        base = self.template.width_matrix([config])[0]
+        rows = [base]
+        for i in range(len(base)):
+            r = base.copy()
+            r[i] = max(1, r[i] - step)
+            rows.append(r)
+        t = self.total(np.stack(rows)).astype(np.float64)
+        return {gid: float(t[0] - t[1 + i]) for i, gid in enumerate(self.template.group_ids)}
+
+    def fraction(self, config) -> float:
+        """Cost of ``config`` relative to the unpruned model."""
+        t = self.total(np.stack([self.template.width_matrix([config])[0],
+                                 self.template.width_matrix([self.space.full()])[0]]))
+        return float(t[0] / t[1])
+
+
+class ParamsCost(_Base):
+    name, unit = "params", "parameters"
+
+    def total(self, configs) -> np.ndarray:
+        return self.template.params(self._matrix(configs))
+
+
+class FlopsCost(_Base):
+    name, unit = "flops", "MACs"
+
+    def total(self, configs) -> np.ndarray:
+        return self.template.macs(self._matrix(configs))
+
+
+class MemoryCost(_Base):
+    name, unit = "memory", "activation elements"
+
+    def total(self, configs) -> np.ndarray:
+        return self.template.activations(self._matrix(configs))
+
+
+class LatencyCost(_Base):
+    """Latency (ms) at the table's batch size, from a fitted :class:`LatencyPredictor`.
+
+    ``throughput=True`` turns it into the cost of 1/throughput at that batch (ms per
+    image), which orders configurations the same way but reads as GCP-λ's throughput form.
+    """
+
+    name, unit = "latency", "ms"
+
+    def __init__(self, space: PruningSpace, predictor, throughput: bool = False):
+        super().__init__(space)
+        predictor._check(space.name)
+        self.predictor = predictor
+        self.per_image = throughput
+        self.batch = int(predictor.settings_.get("batch") or 1)
+
+    def total(self, configs) -> np.ndarray:
+        t = self.predictor.predict(self.space.name, self._matrix(configs))
+        return t / self.batch if self.per_image else t
+
+
+def objective(name: str, space: PruningSpace, predictor=None) -> _Base:
+    """The cost model called ``name`` for ``space`` (latency needs a fitted predictor)."""
+    if name == "params":
+        return ParamsCost(space)
+    if name == "flops":
+        return FlopsCost(space)
+    if name == "memory":
+        return MemoryCost(space)
+    if name in ("latency", "throughput"):
+        if predictor is None:
+            raise HwpruneError(f"the {name} objective needs a latency table of the target device", "pass --table")
+        return LatencyCost(space, predictor, throughput=name == "throughput")
+    raise HwpruneError(f"unknown objective '{name}'", f"choose one of {', '.join(OBJECTIVES)} or throughput")

@@ -1,0 +1,445 @@
+"""Predict latency from a device's table.
+
+A table samples the width space; :class:`LatencyPredictor` generalises from it to any
+width configuration of the models it covers.
+
+How a prediction is made:
+
+* A :class:`ModelTemplate` lists a model's convolution and linear layers with their
+  shapes written as functions of the width configuration (which group sets each layer's
+  input and output channels). Shapes of thousands of configurations are computed at once
+  with numpy, without building a single module.
+* Each layer's time is predicted by a scikit-learn regressor chosen per unit kind
+  (convolution, depthwise convolution, linear) by grouped cross-validation. Features come
+  from the layer's shape: channels, kernel, stride, spatial size, batch, and derived
+  quantities (FLOPs, bytes moved, channels rounded up to the SIMD block, channel counts
+  modulo 8/16/32) so that latency staircases can be learnt.
+* The training target of a layer is what the runtime executed for it in situ: its kernel,
+  the layout reorders around it and any element-wise node that was *not* fused into it
+  (which happens at some widths and not at others).
+* A model's latency is the sum of its layers, mapped to the measured end-to-end time by a
+  per-model linear overhead term fitted on the table's ``e2e`` rows (the gap covers
+  un-modelled nodes, launch gaps and profiler overhead).
+
+Predictors persist as data (the table's path and digest plus the parameters) and are
+refitted on load, so no pickle ever has to survive a scikit-learn upgrade.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import HwpruneError, TableMismatch
+from .space import PruningSpace, WidthConfig
+from .table import LatencyTable
+from .template import ModelTemplate
+
+KINDS = ("conv", "dwconv", "linear")
+ELEMENTWISE_OPS = {"Add", "Sum", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "LeakyRelu"}
+
+
+# ---------------------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------------------
+FEATURE_NAMES = ["batch", "cin", "cout", "kh", "stride", "h", "oh", "log_flops", "log_padded_flops", "log_in_bytes",
+                 "log_out_bytes", "log_w_bytes", "cin_mod8", "cout_mod8", "cin_mod16", "cout_mod16", "cin_mod32",
+                 "cout_mod32", "cin16", "cout16", "cin_small", "prod_cin_mod16", "prod_cin_small", "residual_out"]
+
+
+def _ceil(a: np.ndarray, m: int) -> np.ndarray:
+    return (a + m - 1) // m * m
+
+
+def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0, residual=0) -> np.ndarray:
+    """Feature matrix of layers (all arguments broadcast to 1-D arrays).
+
+    ``prod_cin`` is the input channel count of the layer that produces this layer's input
+    (0 for the network input): it decides the producer's kernel and so the layout this
+    layer receives. ``residual`` is 1 for layers whose output is summed with a skip
+    connection (the runtime may fuse that Add into them).
+    """
+    b, cin, cout, kh, kw, s, h, w, pc, res = (np.atleast_1d(np.asarray(a, dtype=np.float64))
+                                              for a in (batch, cin, cout, kh, kw, stride, h, w, prod_cin, residual))
+    b, cin, cout, kh, kw, s, h, w, pc, res = np.broadcast_arrays(b, cin, cout, kh, kw, s, h, w, pc, res)
+    oh, ow = (h - 1) // s + 1, (w - 1) // s + 1
+    cin_per_group = np.ones_like(cin) if kind == "dwconv" else cin
+    flops = b * oh * ow * cout * cin_per_group * kh * kw
+    c16i, c16o = _ceil(cin, 16), _ceil(cout, 16)
+    padded = b * oh * ow * c16o * (np.ones_like(cin) if kind == "dwconv" else c16i) * kh * kw
+    in_bytes = 4 * b * cin * h * w
+    out_bytes = 4 * b * cout * oh * ow
+    w_bytes = 4 * cout * cin_per_group * kh * kw
+    cols = [b, cin, cout, kh, s, h, oh, np.log(flops), np.log(padded), np.log(in_bytes), np.log(out_bytes),
+            np.log(w_bytes), cin % 8, cout % 8, cin % 16, cout % 16, cin % 32, cout % 32, c16i, c16o,
+            (cin < 16).astype(np.float64), pc % 16, (pc < 16).astype(np.float64), res]
+    return np.stack(cols, axis=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Training data from a table
+# ---------------------------------------------------------------------------------------
+def _attribute(rows: pd.DataFrame, layer_names: set[str]) -> pd.Series:
+    """Give every in-situ node the template layer it belongs to (execution order kept).
+
+    Conv/linear kernels and reorders already name their layer. An element-wise node the
+    runtime did not fuse (and any unnamed reorder) is charged to the closest preceding
+    template layer of the same run: it is the cost of that layer not being fused.
+    """
+    out = []
+    current = None
+    for layer, op in zip(rows["layer"], rows["op"]):
+        if layer in layer_names:
+            current = layer
+            out.append(layer)
+        elif current is not None and (op in ELEMENTWISE_OPS or "Reorder" in str(op)):
+            out.append(current)
+        else:
+            out.append(None)
+    return pd.Series(out, index=rows.index)
+
+
+@dataclass
+class TrainingSet:
+    X: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]  # milliseconds
+    groups: dict[str, np.ndarray]  # configuration of each row (for grouped validation)
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]]  # per-feature min/max per kind
+
+
+@dataclass
+class _ModelFit:
+    template: ModelTemplate
+    slope: float = 1.0
+    intercept: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# The predictor
+# ---------------------------------------------------------------------------------------
+def _candidates(seed: int) -> dict[str, object]:
+    from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor
+
+    return {
+        "hgb": HistGradientBoostingRegressor(max_iter=400, learning_rate=0.08, max_leaf_nodes=31,
+                                             min_samples_leaf=4, l2_regularization=1e-3, random_state=seed),
+        "hgb_deep": HistGradientBoostingRegressor(max_iter=600, learning_rate=0.05, max_leaf_nodes=63,
+                                                  min_samples_leaf=2, random_state=seed),
+        "extra_trees": ExtraTreesRegressor(n_estimators=150, min_samples_leaf=1, n_jobs=-1, random_state=seed),
+    }
+
+
+@dataclass
+class LayerPrediction:
+    layer: str
+    kind: str
+    cin: int
+    cout: int
+    h: int
+    w: int
+    kh: int
+    stride: int
+    predicted_ms: float
+    extrapolated: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class LatencyPredictor:
+    """Latency of any width configuration of the models a device's table covers.
+
+    Follows scikit-learn's conventions: parameters in ``__init__``, ``fit`` returns
+    ``self``, learnt attributes end with ``_``, ``get_params``/``set_params``.
+
+    >>> pred = LatencyPredictor().fit(LatencyTable.load("table.parquet"))  # doctest: +SKIP
+    >>> pred.predict("resnet18", [space.uniform(0.5)])                   # doctest: +SKIP
+    """
+
+    def __init__(self, regressor: str = "auto", min_rows: int = 10, cv_folds: int = 4, random_state: int = 0):
+        self.regressor = regressor
+        self.min_rows = min_rows
+        self.cv_folds = cv_folds
+        self.random_state = random_state
+
+    # -- scikit-learn conventions ---------------------------------------------------------
+    def get_params(self, deep: bool = True) -> dict:
+        return {"regressor": self.regressor, "min_rows": self.min_rows, "cv_folds": self.cv_folds,
+                "random_state": self.random_state}
+
+    def set_params(self, **params) -> "LatencyPredictor":
+        for k, v in params.items():
+            if k not in self.get_params():
+                raise ValueError(f"unknown parameter {k!r}")
+            setattr(self, k, v)
+        return self
+
+    # -- fitting ----------------------------------------------------------------------
+    def _template(self, model: str, input_size) -> ModelTemplate:
+        return ModelTemplate(PruningSpace.from_name(model, input_size=input_size))
+
+    def _training_set(self, table: LatencyTable) -> tuple[TrainingSet, dict[str, _ModelFit], pd.DataFrame]:
+        """Layer rows (features from the template, targets from the in-situ profile) per unit kind.
+
+        The profiler adds a few microseconds to every node it times, and the number of
+        executed nodes varies with the widths (reorders, unfused element-wise nodes). That
+        per-node overhead is estimated from the table itself, by regressing each
+        configuration's end-to-end time on its summed node times and its node count, and
+        taken off every node before the layers are summed.
+        """
+        rows = table.rows
+        batch = int(table.settings.get("batch") or 1)
+        insitu = rows[rows["source"] == "insitu"]
+        e2e_all = rows[rows["source"] == "e2e"].set_index("item")
+        per_item = insitu.groupby("item")["median_ms"].agg(["sum", "size"]).join(
+            e2e_all[["median_ms", "model"]], how="inner")
+        self.node_overhead_ms_ = 0.0
+        if len(per_item) >= 5:  # e2e ~ a * sum + c * nodes + (one intercept per model)
+            dummies = pd.get_dummies(per_item["model"]).to_numpy(dtype=float)
+            A = np.column_stack([per_item["sum"], per_item["size"], dummies])
+            a, c = np.linalg.lstsq(A, per_item["median_ms"].to_numpy(), rcond=None)[0][:2]
+            self.node_overhead_ms_ = float(min(max(-c / a, 0.0), 0.05)) if a > 0 else 0.0
+        X: dict[str, list] = {k: [] for k in KINDS}
+        y: dict[str, list] = {k: [] for k in KINDS}
+        grp: dict[str, list] = {k: [] for k in KINDS}
+        fits: dict[str, _ModelFit] = {}
+        sums = []  # per e2e item: measured e2e time
+        for model in sorted(set(rows["model"].dropna())):
+            tpl = self._template(model, table.settings.get("input_size"))
+            fits[model] = _ModelFit(tpl)
+            names = set(tpl.layer_names)
+            e2e = rows[(rows["source"] == "e2e") & (rows["model"] == model)]
+            ins = insitu[insitu["model"] == model]
+            by_item = {k: v for k, v in ins.groupby("item", sort=False)}
+            for item, e in zip(e2e["item"], e2e.itertuples()):
+                nodes = by_item.get(item)
+                if nodes is None or not len(nodes):
+                    continue
+                attributed = _attribute(nodes, names)
+                time_ms = (nodes["median_ms"] - self.node_overhead_ms_).clip(lower=1e-4)
+                per_layer = time_ms.groupby(attributed).sum()
+                W = tpl.width_matrix([json.loads(e.widths)])
+                cin, cout = tpl.channels(W)
+                pcin = tpl.producer_channels(cin)
+                for kind in KINDS:
+                    js = [j for j, s in enumerate(tpl.slots) if s.kind == kind and s.name in per_layer.index]
+                    if not js:
+                        continue
+                    X[kind].extend(tpl.features(kind, js, batch, cin[0], cout[0], pcin[0]))
+                    y[kind].extend(float(per_layer[tpl.slots[j].name]) for j in js)
+                    grp[kind].extend([f"{model}/{item}"] * len(js))
+                sums.append({"model": model, "item": item, "e2e": float(e.median_ms), "widths": e.widths})
+        ts = TrainingSet({}, {}, {}, {})
+        for k in KINDS:
+            if y[k]:
+                ts.X[k] = np.asarray(X[k])
+                ts.y[k] = np.asarray(y[k])
+                ts.groups[k] = np.asarray(grp[k])
+                ts.ranges[k] = (ts.X[k].min(axis=0), ts.X[k].max(axis=0))
+        return ts, fits, pd.DataFrame(sums)
+
+    def _select(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[str, dict, np.ndarray]:
+        """The regressor with the lowest grouped-CV RMSPE, its scores and its out-of-fold predictions."""
+        from sklearn.base import clone
+        from sklearn.model_selection import GroupKFold
+
+        cands = _candidates(self.random_state)
+        if self.regressor != "auto" and self.regressor not in cands:
+            raise HwpruneError(f"unknown regressor '{self.regressor}'", f"choose auto or one of {', '.join(cands)}")
+        names = list(cands) if self.regressor == "auto" else [self.regressor]
+        n_groups = len(set(groups))
+        if n_groups < 2:
+            return names[0], {}, np.full_like(y, np.nan)
+        folds = list(GroupKFold(n_splits=min(self.cv_folds, n_groups)).split(X, y, groups))
+        scores, oof = {}, {}
+        for name in names:
+            pred = np.empty_like(y)
+            for tr, te in folds:
+                pred[te] = np.exp(clone(cands[name]).fit(X[tr], np.log(y[tr])).predict(X[te]))
+            scores[name] = float(np.sqrt(np.mean(((pred - y) / y) ** 2)))
+            oof[name] = pred
+        best = min(scores, key=scores.get)
+        return best, scores, oof[best]
+
+    def fit(self, table: LatencyTable) -> "LatencyPredictor":
+        """Fit one regressor per unit kind, then each model's overhead term.
+
+        The overhead term maps the sum of a configuration's layer predictions to its
+        measured end-to-end time. It is fitted on *out-of-fold* layer predictions (each
+        configuration predicted by regressors that never saw it), so it corrects the
+        errors the predictor really makes rather than its fit to the training rows.
+        """
+        from sklearn.base import clone
+
+        t0 = time.perf_counter()
+        if len(table.e2e) == 0:
+            raise HwpruneError("the table has no end-to-end rows to calibrate a predictor on")
+        ts, fits, sums = self._training_set(table)
+        if not ts.y:
+            raise HwpruneError("the table has no in-situ layer rows the predictor can learn from")
+        self.settings_ = dict(table.settings)
+        self.fingerprint_ = dict(table.meta.fingerprint)
+        self.models_ = fits
+        self.estimators_: dict[str, object] = {}
+        self.selection_: dict[str, dict] = {}
+        self.ranges_ = ts.ranges
+        cands = _candidates(self.random_state)
+        oof_sum: dict[str, float] = {}
+        for k, y in ts.y.items():
+            if len(y) < self.min_rows:
+                raise HwpruneError(f"the table is too small to fit the '{k}' regressor: {len(y)} layer rows, "
+                                   f"need {self.min_rows}", "profile more configurations (--configs)")
+            name, scores, oof = self._select(ts.X[k], y, ts.groups[k])
+            self.estimators_[k] = clone(cands[name]).fit(ts.X[k], np.log(y))
+            self.selection_[k] = {"chosen": name, "cv_rmspe": scores, "rows": int(len(y))}
+            for g, v in zip(ts.groups[k], oof):
+                oof_sum[g] = oof_sum.get(g, 0.0) + float(v)
+        for model, f in fits.items():
+            s = sums[sums["model"] == model]
+            keys = [f"{model}/{i}" for i in s["item"]]
+            layer_sum = np.array([oof_sum.get(k, np.nan) for k in keys])
+            ok = np.isfinite(layer_sum)
+            e2e = s["e2e"].to_numpy()[ok]
+            if ok.sum() >= 3:
+                A = np.stack([layer_sum[ok], np.ones(ok.sum())], axis=1)
+                f.slope, f.intercept = (float(v) for v in np.linalg.lstsq(A, e2e, rcond=None)[0])
+            else:  # too few configurations for a slope: keep the sum, correct the mean gap
+                pred = self._layer_sum(model, [json.loads(w) for w in s["widths"]])
+                f.slope, f.intercept = 1.0, float(np.mean(s["e2e"].to_numpy() - pred)) if len(s) else 0.0
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    # -- prediction -------------------------------------------------------------------
+    def _check(self, model: str) -> _ModelFit:
+        if not hasattr(self, "models_"):
+            raise HwpruneError("the predictor is not fitted", "call fit(table) first")
+        if model not in self.models_:
+            raise HwpruneError(f"the table never covered model '{model}'",
+                               f"it covers {', '.join(self.models_)}; profile {model} on this device first")
+        return self.models_[model]
+
+    def check_settings(self, settings: Mapping) -> None:
+        """Raise when the requested settings (batch, threads, backend...) differ from the table's."""
+        for k in ("backend", "threads", "batch", "precision", "device", "input_size"):
+            if k in settings and settings[k] is not None and self.settings_.get(k) != settings[k]:
+                raise TableMismatch(f"the predictor's table has {k}={self.settings_.get(k)!r}, "
+                                    f"requested {settings[k]!r}")
+
+    def _layer_matrix(self, model: str, configs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-layer predictions [N, layers], channel matrices and the extrapolation mask."""
+        tpl = self._check(model).template
+        W = configs if isinstance(configs, np.ndarray) else tpl.width_matrix(list(configs))
+        cin, cout = tpl.channels(W)
+        pcin = tpl.producer_channels(cin)
+        n, L = cin.shape
+        batch = int(self.settings_.get("batch") or 1)
+        out = np.zeros((n, L))
+        extra = np.zeros((n, L), dtype=bool)
+        for kind in KINDS:
+            cols = [j for j, s in enumerate(tpl.slots) if s.kind == kind]
+            if not cols:
+                continue
+            if kind not in self.estimators_:
+                raise HwpruneError(f"the table never covered unit kind '{kind}' (layer '{tpl.slots[cols[0]].name}')")
+            F = tpl.features(kind, cols, batch, cin, cout, pcin)
+            out[:, cols] = np.exp(self.estimators_[kind].predict(F)).reshape(n, len(cols))
+            lo, hi = self.ranges_[kind]
+            extra[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
+        return out, cin, cout, extra
+
+    def _layer_sum(self, model: str, configs) -> np.ndarray:
+        return self._layer_matrix(model, configs)[0].sum(axis=1)
+
+    def predict(self, model: str, configs: Sequence[WidthConfig | Mapping[str, int]] | np.ndarray) -> np.ndarray:
+        """End-to-end latency (ms) of each configuration, vectorised over configurations."""
+        f = self._check(model)
+        return f.slope * self._layer_sum(model, configs) + f.intercept
+
+    def predict_layers(self, model: str, config: WidthConfig | Mapping[str, int]) -> tuple[float, list[LayerPrediction]]:
+        f = self._check(model)
+        per, cin, cout, extra = self._layer_matrix(model, [config])
+        layers = [LayerPrediction(s.name, s.kind, int(cin[0, j]), int(cout[0, j]), s.h, s.w, s.kh, s.stride,
+                                  float(per[0, j]), bool(extra[0, j])) for j, s in enumerate(f.template.slots)]
+        return float(f.slope * per.sum() + f.intercept), layers
+
+    def marginal_costs(self, model: str, config: WidthConfig | Mapping[str, int],
+                       step: int = 16) -> dict[str, tuple[float, float]]:
+        """Per group: predicted ms saved by removing 1 channel and ``step`` channels at these widths."""
+        tpl = self._check(model).template
+        base = tpl.width_matrix([config])[0]
+        rows = [base]
+        for i in range(len(base)):
+            for k in (1, step):
+                r = base.copy()
+                r[i] = max(1, r[i] - k)
+                rows.append(r)
+        pred = self.predict(model, np.stack(rows))
+        out = {}
+        for i, gid in enumerate(tpl.group_ids):
+            out[gid] = (float(pred[0] - pred[1 + 2 * i]), float(pred[0] - pred[2 + 2 * i]))
+        return out
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, path: str | Path, table_path: str | Path) -> Path:
+        """Save as data: the table's path and digest and this predictor's parameters."""
+        from .io import atomic_write_text
+
+        table_path = Path(table_path)
+        doc = {"format": "hwprune.predictor/1", "table": str(table_path.resolve()),
+               "table_sha256": hashlib.sha256(table_path.read_bytes()).hexdigest(), "params": self.get_params(),
+               "selection": getattr(self, "selection_", {}), "settings": getattr(self, "settings_", {})}
+        return atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyPredictor":
+        p = Path(path)
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise HwpruneError(f"cannot read predictor '{p}': {e}") from None
+        if doc.get("format") != "hwprune.predictor/1":
+            raise HwpruneError(f"'{p}' is not an hwprune predictor file")
+        table_path = Path(doc["table"])
+        if not table_path.exists():
+            raise HwpruneError(f"predictor '{p}' refers to table '{table_path}', which is missing")
+        if hashlib.sha256(table_path.read_bytes()).hexdigest() != doc["table_sha256"]:
+            raise HwpruneError(f"table '{table_path}' changed since predictor '{p}' was saved", "fit it again")
+        return cls(**doc["params"]).fit(LatencyTable.load(table_path))
+
+
+def fit_predictor(table: str | Path | LatencyTable, **params) -> LatencyPredictor:
+    t = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
+    return LatencyPredictor(**params).fit(t)
+
+
+def cross_validate_e2e(table: LatencyTable, folds: int = 4, seed: int = 0, **params) -> pd.DataFrame:
+    """End-to-end errors on held-out configurations of the table itself.
+
+    The table's configurations are split into ``folds`` groups; each group's end-to-end
+    times are predicted by a predictor fitted on the others. A cheap check before the real
+    validation (which measures fresh pruned models).
+    """
+    items = sorted(set(table.e2e["item"]))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(items)
+    out = []
+    for f in range(folds):
+        test = set(items[f::folds])
+        train_rows = table.rows[~table.rows["item"].isin(test)]
+        pred = LatencyPredictor(**params).fit(LatencyTable(train_rows, table.meta))
+        e2e = table.e2e[table.e2e["item"].isin(test)]
+        for model in sorted(set(e2e["model"])):
+            e = e2e[e2e["model"] == model]
+            p = pred.predict(model, [json.loads(w) for w in e["widths"]])
+            out += [{"model": model, "item": i, "measured_ms": m, "predicted_ms": float(v)}
+                    for i, m, v in zip(e["item"], e["median_ms"], p)]
+    df = pd.DataFrame(out)
+    df["error"] = (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
+    return df

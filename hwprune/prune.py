@@ -1,0 +1,138 @@
+"""Turn a target into a width configuration, and a width configuration into a smaller model.
+
+Baseline pruners, each driven to the same kind of target (a fraction of the base model's
+cost under an objective: parameters, FLOPs, activation memory or predicted latency):
+
+* ``uniform``: the same fraction of channels in every group (survivors chosen by L1);
+* ``l1``: L1-norm filter pruning, channels ranked globally by their group-normalised L1 norm;
+* ``groupnorm``: Torch-Pruning's group-norm criterion, ranked globally the same way.
+
+``round_to_staircase`` moves each group's width to where the device's latency staircase
+makes it cheapest, using the predictor rather than a fixed multiple.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch.nn as nn
+
+from .cost import _Base as CostBase
+from .errors import HwpruneError
+from .importance import channel_importance, keep_indices
+from .space import PruningSpace, WidthConfig
+
+METHODS = ("uniform", "l1", "groupnorm")
+
+
+@dataclass
+class PruneResult:
+    widths: WidthConfig
+    keep: dict[str, list[int]]
+    cost_fraction: float
+    objective: str
+    target: float
+    method: str
+    info: dict = field(default_factory=dict)
+
+
+def _check_target(cost: CostBase, target: float, floor: WidthConfig) -> None:
+    if not 0 < target <= 1:
+        raise HwpruneError(f"target must be a fraction in (0, 1], got {target}")
+    least = cost.fraction(floor)
+    if target < least:
+        raise HwpruneError(f"target {target:.3f} of the base {cost.name} is below what the narrowest configuration "
+                           f"reaches ({least:.3f})", "choose a larger target")
+
+
+def search_uniform(space: PruningSpace, cost: CostBase, target: float, multiple: int = 1,
+                   min_fraction: float = 0.05) -> WidthConfig:
+    """The widest uniform shrink whose cost is at most ``target`` of the base cost."""
+    floor = space.uniform(min_fraction)
+    _check_target(cost, target, floor)
+    fractions = np.linspace(min_fraction, 1.0, 400)
+    cfgs = [space.uniform(f, multiple=multiple) for f in fractions]
+    base = float(cost.total([space.full()])[0])
+    fr = cost.total(cfgs) / base
+    ok = np.nonzero(fr <= target + 1e-12)[0]
+    return cfgs[int(ok[-1])] if len(ok) else floor
+
+
+def removal_order(space: PruningSpace, scores: Mapping[str, np.ndarray], min_keep: float = 0.05) -> list[int]:
+    """Group index of each channel in global removal order (least important first).
+
+    Scores are normalised by their group's mean so that groups compare fairly (as
+    Torch-Pruning's global pruning does); every group keeps ``min_keep`` of its channels.
+    """
+    entries = []
+    for gi, g in enumerate(space.groups):
+        s = np.asarray(scores[g.id], dtype=np.float64)
+        s = s / (s.mean() + 1e-12)
+        keep = max(1, math.ceil(min_keep * g.channels))
+        removable = np.sort(s)[: g.channels - keep]
+        entries += [(float(v), gi) for v in removable]
+    entries.sort()
+    return [gi for _, gi in entries]
+
+
+def search_global(space: PruningSpace, scores: Mapping[str, np.ndarray], cost: CostBase, target: float,
+                  min_keep: float = 0.05) -> WidthConfig:
+    """Remove the globally least important channels until the cost is at most ``target``."""
+    order = removal_order(space, scores, min_keep)
+    caps = np.array([g.channels for g in space.groups])
+    floor = caps.copy()
+    np.subtract.at(floor, order, 1)
+    _check_target(cost, target, WidthConfig(space.name, dict(zip([g.id for g in space.groups], floor.tolist()))))
+    removed = np.zeros((len(order) + 1, len(caps)), dtype=np.int64)
+    for n, gi in enumerate(order):
+        removed[n + 1] = removed[n]
+        removed[n + 1, gi] += 1
+    W = caps[None, :] - removed
+    base = float(cost.total(W[:1])[0])
+    # coarse pass over every 16th prefix, then the exact prefix inside the first bracket that meets the target
+    coarse = np.arange(0, len(W), 16)
+    fr = cost.total(W[coarse]) / base
+    hit = np.nonzero(fr <= target + 1e-12)[0]
+    end = int(coarse[hit[0]]) if len(hit) else len(W) - 1
+    start = max(0, end - 16)
+    fine = np.arange(start, end + 1)
+    fr = cost.total(W[fine]) / base
+    n = int(fine[np.nonzero(fr <= target + 1e-12)[0][0]])
+    return WidthConfig(space.name, dict(zip([g.id for g in space.groups], W[n].tolist())))
+
+
+def round_to_staircase(space: PruningSpace, latency: CostBase, widths: WidthConfig, window: int = 8) -> WidthConfig:
+    """Move each group to the widest width within ±``window`` that is predicted no slower.
+
+    Latency on real hardware is a staircase in the channel count (SIMD blocks, kernel
+    selection, layout reorders), so a few more channels are often free and a few fewer
+    may not save anything. Groups are visited in order, each with the others fixed.
+    """
+    cur = dict(space.validate(widths).widths)
+    for g in space.groups:
+        w = cur[g.id]
+        cands = list(range(max(1, w - window), min(g.channels, w + window) + 1))
+        cfgs = [{**cur, g.id: c} for c in cands]
+        t = latency.total(cfgs)
+        ref = t[cands.index(w)]
+        ok = [c for c, v in zip(cands, t) if v <= ref * (1 + 1e-6)]
+        cur[g.id] = max(ok)
+    return WidthConfig(space.name, cur)
+
+
+def prune_widths(space: PruningSpace, method: str, cost: CostBase, target: float, model: nn.Module | None = None,
+                 criterion: str | None = None) -> PruneResult:
+    """A baseline method's width configuration and surviving channels for ``target``."""
+    if method not in METHODS:
+        raise HwpruneError(f"unknown pruning method '{method}'", f"choose one of {', '.join(METHODS)} (or gcp)")
+    crit = criterion or {"uniform": "l1", "l1": "l1", "groupnorm": "groupnorm"}[method]
+    scores = channel_importance(space, model, crit)
+    if method == "uniform":
+        cfg = search_uniform(space, cost, target)
+    else:
+        cfg = search_global(space, scores, cost, target)
+    return PruneResult(widths=cfg, keep=keep_indices(scores, cfg), cost_fraction=cost.fraction(cfg),
+                       objective=cost.name, target=target, method=method, info={"criterion": crit})

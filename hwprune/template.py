@@ -1,0 +1,168 @@
+"""A model's layers with their shapes written as functions of the width configuration.
+
+Costs (parameters, FLOPs, activation memory) and latency predictions of thousands of
+width configurations are computed from a :class:`ModelTemplate` with numpy, without
+building a single pruned module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import HwpruneError
+from .space import PruningSpace, WidthConfig
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    name: str
+    kind: str  # conv | dwconv | linear
+    kh: int
+    kw: int
+    stride: int
+    h: int  # input spatial size
+    w: int
+    in_group: int  # index into the space's groups, -1 when fixed
+    in_fixed: int
+    out_group: int
+    out_fixed: int
+    bias: bool = False
+
+
+class ModelTemplate:
+    """The conv/linear layers of a model, with channels tied to its channel groups."""
+
+    def __init__(self, space: PruningSpace):
+        self.space = space
+        self.group_ids = [g.id for g in space.groups]
+        gidx = {g.id: i for i, g in enumerate(space.groups)}
+        out_of = {m: gidx[g.id] for g in space.groups for m in g.modules}
+        in_of = {m: gidx[g.id] for g in space.groups for m in g.consumers}
+        shapes: dict[str, tuple[int, ...]] = {}
+        hooks = []
+
+        def record(name):
+            def hook(mod, inp, out):
+                shapes.setdefault(name, tuple(inp[0].shape))
+            return hook
+
+        for name, m in space.model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                hooks.append(m.register_forward_hook(record(name)))
+        try:
+            with torch.no_grad():
+                space.model.eval()(torch.randn(space.input_shape))
+        finally:
+            for h in hooks:
+                h.remove()
+        slots = []
+        for name, m in space.model.named_modules():
+            if name not in shapes:
+                continue
+            x = shapes[name]
+            if isinstance(m, nn.Conv2d):
+                dw = m.groups > 1 and m.groups == m.in_channels
+                if m.groups > 1 and not dw:
+                    raise HwpruneError(f"layer '{name}' is a grouped convolution (groups={m.groups}), "
+                                       "which the predictor does not model yet")
+                og = out_of.get(name, -1)
+                ig = og if dw else in_of.get(name, -1)
+                slots.append(LayerSlot(name, "dwconv" if dw else "conv", m.kernel_size[0], m.kernel_size[1],
+                                       m.stride[0], int(x[2]), int(x[3]), ig, m.in_channels, og, m.out_channels,
+                                       m.bias is not None))
+            elif len(x) == 2:
+                slots.append(LayerSlot(name, "linear", 1, 1, 1, 1, 1, in_of.get(name, -1), m.in_features,
+                                       out_of.get(name, -1), m.out_features, m.bias is not None))
+        self.slots = slots
+        self.layer_names = [s.name for s in slots]
+        kinds = {g.id: g.kind for g in space.groups}
+        self.residual = [int(s.out_group >= 0 and kinds[self.group_ids[s.out_group]] == "residual") for s in slots]
+        # affine parameters per channel of each group's normalisation layers (weight + bias)
+        mods = dict(space.model.named_modules())
+        self.norm_params = np.array([sum(2 if getattr(mods[n], "affine", True) else 0 for n in g.norms)
+                                     for g in space.groups], dtype=np.int64)
+        full = self.width_matrix([space.full()])
+        self.fixed_params = int(sum(p.numel() for p in space.model.parameters()) - self.params(full)[0])
+        # The layers whose output feeds each layer: their input layout decides whether the
+        # runtime has to reorder this layer's input.
+        self.producers: list[list[int]] = []
+        for j, s in enumerate(slots):
+            g = s.in_group
+            self.producers.append([i for i, p in enumerate(slots) if g >= 0 and p.out_group == g and i != j])
+
+    def width_matrix(self, configs: Sequence[WidthConfig | Mapping[str, int]]) -> np.ndarray:
+        """Validated widths as an [N, groups] integer matrix."""
+        rows = [[self.space.validate(c).widths[g] for g in self.group_ids] for c in configs]
+        return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(self.group_ids))
+
+    def producer_channels(self, cin: np.ndarray) -> np.ndarray:
+        """Input channels of each layer's first producer ([N, layers]; 0 for network inputs)."""
+        out = np.zeros_like(cin)
+        for j, prods in enumerate(self.producers):
+            if prods:
+                out[:, j] = cin[:, prods[0]]
+        return out
+
+    def features(self, kind: str, cols: list[int], batch: int, cin: np.ndarray, cout: np.ndarray,
+                 pcin: np.ndarray) -> np.ndarray:
+        """Predictor features of slots ``cols`` for every configuration (rows: config-major)."""
+        from .predict import layer_features
+
+        cin, cout, pcin = np.atleast_2d(cin), np.atleast_2d(cout), np.atleast_2d(pcin)
+        n = cin.shape[0]
+        sl = [self.slots[j] for j in cols]
+
+        def rep(a):
+            return np.tile(np.asarray(a), n)
+
+        return layer_features(kind, batch, cin[:, cols].ravel(), cout[:, cols].ravel(), rep([s.kh for s in sl]),
+                              rep([s.kw for s in sl]), rep([s.stride for s in sl]), rep([s.h for s in sl]),
+                              rep([s.w for s in sl]), pcin[:, cols].ravel(), rep([self.residual[j] for j in cols]))
+
+    def channels(self, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Input and output channels of every slot: two [N, layers] matrices."""
+        n = W.shape[0]
+        cin = np.empty((n, len(self.slots)), dtype=np.int64)
+        cout = np.empty_like(cin)
+        for j, s in enumerate(self.slots):
+            cin[:, j] = W[:, s.in_group] if s.in_group >= 0 else s.in_fixed
+            cout[:, j] = W[:, s.out_group] if s.out_group >= 0 else s.out_fixed
+        return cin, cout
+
+
+    def out_hw(self) -> tuple[np.ndarray, np.ndarray]:
+        """Output spatial size of every slot (convolutions pad to keep ``ceil(h / stride)``)."""
+        oh = np.array([(s.h - 1) // s.stride + 1 for s in self.slots])
+        ow = np.array([(s.w - 1) // s.stride + 1 for s in self.slots])
+        return oh, ow
+
+    # -- costs ----------------------------------------------------------------------------
+    def params(self, W: np.ndarray) -> np.ndarray:
+        """Parameters of conv, linear and normalisation layers per configuration (plus fixed ones)."""
+        cin, cout = self.channels(W)
+        per = np.zeros(cin.shape, dtype=np.int64)
+        for j, s in enumerate(self.slots):
+            cin_g = 1 if s.kind == "dwconv" else cin[:, j]
+            per[:, j] = cout[:, j] * cin_g * s.kh * s.kw + (cout[:, j] if s.bias else 0)
+        return per.sum(axis=1) + W @ self.norm_params + getattr(self, "fixed_params", 0)
+
+    def macs(self, W: np.ndarray) -> np.ndarray:
+        """Multiply-accumulates of conv and linear layers per configuration (batch 1)."""
+        cin, cout = self.channels(W)
+        oh, ow = self.out_hw()
+        per = np.zeros(cin.shape, dtype=np.int64)
+        for j, s in enumerate(self.slots):
+            cin_g = 1 if s.kind == "dwconv" else cin[:, j]
+            per[:, j] = cout[:, j] * cin_g * s.kh * s.kw * oh[j] * ow[j]
+        return per.sum(axis=1)
+
+    def activations(self, W: np.ndarray) -> np.ndarray:
+        """Output elements of conv and linear layers per configuration (batch 1)."""
+        _, cout = self.channels(W)
+        oh, ow = self.out_hw()
+        return (cout * (oh * ow)[None, :]).sum(axis=1)

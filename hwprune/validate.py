@@ -1,0 +1,169 @@
+"""Check a predictor against end-to-end measurements of real pruned models.
+
+Random width configurations (drawn with a seed different from the table's plan, so they
+are held out) are built, exported and measured end to end on the table's backend and
+settings, each in a fresh session, with the models interleaved so that drift hits all of
+them alike. The report gives the share of predictions within ±5% and ±10%, the RMSPE,
+Spearman's rank correlation and the worst cases; a predicted-versus-measured plot goes
+beside it.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .backends import ModelArtifact, create_backend
+from .errors import HwpruneError
+from .export import export_onnx
+from .fingerprint import fingerprint
+from .measure import MeasureConfig
+from .predict import LatencyPredictor
+from .space import PruningSpace, WidthConfig
+from .table import LatencyTable
+
+VALIDATION_SEED_OFFSET = 1_000_003  # keeps validation configurations apart from any profiling plan
+
+
+@dataclass
+class ValidationSample:
+    model: str
+    widths: dict
+    predicted_ms: float
+    measured_ms: float
+    measured_rcov: float
+    extrapolated: bool
+
+    @property
+    def error(self) -> float:
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+
+@dataclass
+class ValidationResult:
+    n: int
+    within_5pct: float
+    within_10pct: float
+    rmspe: float
+    spearman: float
+    worst: list[dict]
+    per_model: dict
+    settings: dict
+    device: dict
+    measure_seconds: float
+    samples: list[ValidationSample] = field(repr=False, default_factory=list)
+
+    def to_dict(self, with_samples: bool = False) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "samples"}
+        if with_samples:
+            d["samples"] = [{**asdict(s), "error": s.error} for s in self.samples]
+        return d
+
+
+def _metrics(samples: Sequence[ValidationSample]) -> dict:
+    from scipy.stats import spearmanr
+
+    err = np.array([s.error for s in samples])
+    pred = np.array([s.predicted_ms for s in samples])
+    meas = np.array([s.measured_ms for s in samples])
+    rho = float(spearmanr(pred, meas).statistic) if len(samples) > 2 else float("nan")
+    return {"n": len(samples), "within_5pct": float(np.mean(np.abs(err) <= 0.05)),
+            "within_10pct": float(np.mean(np.abs(err) <= 0.10)), "rmspe": float(np.sqrt(np.mean(err ** 2))),
+            "spearman": rho}
+
+
+def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int = 0,
+             predictor: LatencyPredictor | None = None, measure: MeasureConfig | None = None,
+             progress=None) -> ValidationResult:
+    """Measure ``samples`` random configurations per model and compare with predictions."""
+    s = table.settings
+    diff = table.mismatch({}, fingerprint())
+    if diff:
+        raise HwpruneError(f"the table was measured on another device ({diff})",
+                           "validate on the device the table describes")
+    pred = predictor or LatencyPredictor().fit(table)
+    for m in models:
+        pred._check(m)
+    backend = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu",
+                             measure=measure or MeasureConfig(warmup_s=0.1, min_time_s=0.5))
+    batch = int(s.get("batch") or 1)
+    rng = random.Random(seed + VALIDATION_SEED_OFFSET)
+    spaces = {m: PruningSpace.from_name(m, input_size=s.get("input_size")) for m in models}
+    # interleave the models: A B A B ...
+    plan: list[tuple[str, WidthConfig]] = []
+    for _ in range(samples):
+        for m in models:
+            plan.append((m, spaces[m].sample(rng)))
+    out: list[ValidationSample] = []
+    t0 = time.perf_counter()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="hwprune-validate-") as d:
+            for k, (m, cfg) in enumerate(plan):
+                if progress:
+                    progress(m, k, len(plan))
+                space = spaces[m]
+                shape = (batch, *space.input_shape[1:])
+                module = space.apply(cfg).eval()
+                art = ModelArtifact(input_shape=shape, module=module, name=m)
+                if backend.needs_onnx():
+                    art.onnx_path = export_onnx(module, shape, Path(d) / "v.onnx")
+                meas = backend.measure_e2e(art)
+                p, layers = pred.predict_layers(m, cfg)
+                out.append(ValidationSample(m, dict(cfg.widths), p, meas.stats.median, meas.stats.rcov,
+                                            any(l.extrapolated for l in layers)))
+    finally:
+        torch.set_num_threads(threads)
+    if progress:
+        progress("", len(plan), len(plan))
+    overall = _metrics(out)
+    worst = sorted(out, key=lambda x: -abs(x.error))[:5]
+    return ValidationResult(
+        **overall,
+        worst=[{"model": w.model, "predicted_ms": w.predicted_ms, "measured_ms": w.measured_ms, "error": w.error,
+                "extrapolated": w.extrapolated, "widths": w.widths} for w in worst],
+        per_model={m: _metrics([x for x in out if x.model == m]) for m in models},
+        settings=dict(s), device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
+        measure_seconds=time.perf_counter() - t0, samples=out)
+
+
+def plot_validation(result: ValidationResult, path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    models = sorted({s.model for s in result.samples})
+    for m in models:
+        xs = [s.measured_ms for s in result.samples if s.model == m]
+        ys = [s.predicted_ms for s in result.samples if s.model == m]
+        ax.scatter(xs, ys, s=12, alpha=0.7, label=m)
+    lo = min(min(s.measured_ms, s.predicted_ms) for s in result.samples) * 0.9
+    hi = max(max(s.measured_ms, s.predicted_ms) for s in result.samples) * 1.1
+    xs = np.geomspace(lo, hi, 50)
+    ax.plot(xs, xs, "k-", lw=0.8)
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.85", label="±10%")
+    ax.fill_between(xs, xs * 0.95, xs * 1.05, color="0.7", label="±5%")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(title or f"n={result.n}: {100 * result.within_5pct:.0f}% within ±5%, "
+                          f"{100 * result.within_10pct:.0f}% within ±10%", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

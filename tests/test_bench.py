@@ -1,0 +1,128 @@
+"""The bench harness and the report."""
+
+import json
+import shutil
+import subprocess
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper
+
+from conftest import run_cli
+from hwprune.bench import BenchModel, bench, speedups
+from hwprune.errors import HwpruneError
+from hwprune.measure import MeasureConfig
+from hwprune.report import SECTIONS, pareto_front, write_report
+from hwprune.space import PruningSpace
+
+QUICK = MeasureConfig(warmup_s=0.01, min_iters=5, min_time_s=0.02, retries=0)
+
+
+class Broken(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("this model cannot run")
+
+
+@pytest.fixture(scope="module")
+def doc():
+    space = PruningSpace.from_name("cifar_resnet20")
+    a = BenchModel("full", module=space.model.eval(), input_size=(3, 32, 32), arch="cifar_resnet20")
+    b = BenchModel("half", module=space.apply(space.uniform(0.5)).eval(), input_size=(3, 32, 32),
+                   arch="cifar_resnet20", widths=space.uniform(0.5).widths)
+    broken = BenchModel("broken", module=Broken(), input_size=(3, 32, 32))
+    return bench([a, b, broken], batches=(1, 2), threads=1, rounds=2, measure=QUICK)
+
+
+def test_schema(doc):
+    assert {"device", "settings", "results", "run_order"} <= set(doc)
+    assert doc["settings"]["backend"] == "onnxruntime" and doc["settings"]["batches"] == [1, 2]
+    ok = [r for r in doc["results"] if not r.get("error")]
+    assert len(ok) == 4
+    for r in ok:
+        lat = r["latency_ms"]
+        assert {"median", "p90", "p99", "mean", "std", "cov"} <= set(lat)
+        assert r["throughput_ips"] == pytest.approx(1000 * r["batch"] / lat["median"])
+        assert len(r["rounds"]) == 2 and r["setup_ms"] > 0 and r["first_run_ms"] > 0
+
+
+def test_failure_is_marked_and_the_others_go_on(doc):
+    broken = [r for r in doc["results"] if r["model"] == "broken"]
+    assert len(broken) == 2 and all("cannot run" in r["error"] or "export" in r["error"] for r in broken)
+
+
+def test_runs_are_interleaved(doc):
+    order = [(o["model"], o["batch"]) for o in doc["run_order"]]
+    first_round = order[:4]
+    assert first_round == [("full", 1), ("full", 2), ("half", 1), ("half", 2)]
+    assert order[4:] == first_round  # round 2 repeats the same interleaving: A B A B, not A A B B
+    assert [o["round"] for o in doc["run_order"]] == [0] * 4 + [1] * 4
+
+
+def test_speedups_pair_by_pair(doc):
+    s = speedups(doc, [("half", "full")])
+    assert len(s) == 2 and all(x["speedup"] > 1.0 for x in s)  # half the channels runs faster
+
+
+def test_onnx_inputs(tmp_path):
+    with pytest.raises(HwpruneError, match="does not exist"):
+        BenchModel.from_onnx(tmp_path / "missing.onnx")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, tmp_path / "dyn.onnx")
+    with pytest.raises(HwpruneError, match="--input-size"):
+        BenchModel.from_onnx(tmp_path / "dyn.onnx")
+    assert BenchModel.from_onnx(tmp_path / "dyn.onnx", input_size=16).input_size == (3, 16, 16)
+
+
+def test_pareto_front():
+    pts = [(100, 90.0), (200, 89.0), (150, 88.0), (300, 80.0), (50, 91.0)]
+    assert pareto_front(pts) == [4, 0, 1, 3]
+
+
+def test_report_holds_every_section(doc, tmp_path):
+    from hwprune.checkpoint import Checkpoint
+    from hwprune.models import ModelSpec
+
+    space = PruningSpace.from_name("cifar_resnet20")
+    half = space.uniform(0.5)
+    ck = Checkpoint.from_model(ModelSpec("cifar_resnet20", space.apply(half), (3, 32, 32), 10), widths=half.widths,
+                               meta={"accuracy": {"top1": 90.1}})
+    ck.save(tmp_path / "half.pt")
+    Checkpoint.from_model(ModelSpec("cifar_resnet20", space.model, (3, 32, 32), 10),
+                          meta={"accuracy": {"top1": 92.0}}).save(tmp_path / "full.pt")
+    bj = tmp_path / "bench.json"
+    bj.write_text(json.dumps({**doc, "command": "hwprune bench --model cifar_resnet20"}))
+    html_path, md_path = write_report(bj, [tmp_path / "half.pt", tmp_path / "full.pt"], tmp_path / "r.html")
+    text = html_path.read_text()
+    for s in SECTIONS:
+        assert f"id='{s}'" in text
+    assert text.count("data:image/png;base64,") >= 2  # pareto and widths charts are embedded
+    assert "hwprune bench --model cifar_resnet20" in text
+    md = md_path.read_text()
+    assert "#pareto" in md and (tmp_path / "r_pareto.png").exists()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_a_headless_browser(doc, tmp_path):
+    bj = tmp_path / "bench.json"
+    bj.write_text(json.dumps(doc))
+    html_path, _ = write_report(bj, [], tmp_path / "r.html")
+    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--dump-dom",
+                          html_path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert "hwprune benchmark report" in out.stdout and "id=\"results\"" in out.stdout
+
+
+def test_cli_bench_json(tmp_path):
+    out = tmp_path / "b.json"
+    r = run_cli("bench", "--model", "cifar_resnet20", "--batch", "1", "--threads", "1", "--rounds", "1", "--quick",
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["results"][0]["model"] == "cifar_resnet20" and d["results"][0]["latency_ms"]["median"] > 0
+    r = run_cli("bench", "--onnx", str(tmp_path / "nope.onnx"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,151 @@
+"""The latency predictor, on a small real table of cifar_resnet20."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from conftest import run_cli
+from hwprune.errors import HwpruneError, TableMismatch
+from hwprune.predict import LatencyPredictor, ModelTemplate, cross_validate_e2e
+from hwprune.profiler import profile
+from hwprune.space import PruningSpace
+from hwprune.table import LatencyTable
+
+
+@pytest.fixture(scope="module")
+def table_path(tmp_path_factory, quick):
+    path = tmp_path_factory.mktemp("pred") / "r20.parquet"
+    profile("cifar_resnet20", path, threads=1, configs=14, micro_per_config=0, measure=quick)
+    return path
+
+
+@pytest.fixture(scope="module")
+def table(table_path):
+    return LatencyTable.load(table_path)
+
+
+@pytest.fixture(scope="module")
+def predictor(table):
+    return LatencyPredictor(min_rows=10).fit(table)
+
+
+@pytest.fixture(scope="module")
+def space():
+    return PruningSpace.from_name("cifar_resnet20")
+
+
+def test_template_channels_follow_the_groups(space):
+    tpl = ModelTemplate(space)
+    cfg = space.uniform(0.5)
+    cin, cout = tpl.channels(tpl.width_matrix([cfg]))
+    by = {s.name: j for j, s in enumerate(tpl.slots)}
+    m = space.apply(cfg)
+    mods = dict(m.named_modules())
+    for name, j in by.items():
+        mod = mods[name]
+        got = (mod.in_channels, mod.out_channels) if hasattr(mod, "in_channels") else (mod.in_features, mod.out_features)
+        assert (int(cin[0, j]), int(cout[0, j])) == got, name
+
+
+def test_fit_selects_a_regressor_per_kind_by_validation(predictor):
+    assert set(predictor.selection_) == {"conv", "linear"}
+    for sel in predictor.selection_.values():
+        assert sel["chosen"] in sel["cv_rmspe"] and sel["rows"] > 0
+        assert sel["cv_rmspe"][sel["chosen"]] == min(sel["cv_rmspe"].values())
+    assert predictor.fit_seconds_ > 0
+
+
+def test_predictions_are_positive_ordered_and_vectorised(predictor, space, table):
+    full, half, quarter = space.full(), space.uniform(0.5), space.uniform(0.25)
+    p = predictor.predict("cifar_resnet20", [full, half, quarter])
+    assert (p > 0).all()
+    assert p[0] > p[2]  # a quarter-width network is predicted faster than the full one
+    single = [predictor.predict("cifar_resnet20", [c])[0] for c in (full, half, quarter)]
+    assert np.allclose(p, single)
+    total, layers = predictor.predict_layers("cifar_resnet20", half)
+    assert total == pytest.approx(p[1])
+    assert [l.layer for l in layers][:2] == ["conv1", "layer1.0.conv1"] and len(layers) == 22
+    # in-sample, the prediction of the profiled full model is close to its measurement
+    measured = table.e2e.set_index("config").loc["full", "median_ms"]
+    assert abs(p[0] - measured) / measured < 0.5
+
+
+def test_marginal_costs_cover_every_group(predictor, space):
+    mc = predictor.marginal_costs("cifar_resnet20", space.full(), step=8)
+    assert list(mc) == [g.id for g in space.groups]
+    assert all(np.isfinite(a) and np.isfinite(b) for a, b in mc.values())
+
+
+def test_extrapolation_is_flagged(table, space):
+    caps = {g.id: g.channels for g in space.groups}
+    narrow = [i for i, w in zip(table.e2e["item"], table.e2e["widths"])
+              if all(v <= 0.6 * caps[k] for k, v in json.loads(w).items())]
+    assert len(narrow) >= 2  # uniform25 and uniform50 at least
+    reduced = LatencyTable(table.rows[table.rows["item"].isin(narrow)], table.meta)
+    pred = LatencyPredictor(min_rows=2).fit(reduced)
+    _, layers = pred.predict_layers("cifar_resnet20", space.full())
+    assert any(l.extrapolated for l in layers)
+    _, inside = pred.predict_layers("cifar_resnet20", space.uniform(0.25))
+    assert not any(l.extrapolated for l in inside)
+
+
+def test_bad_input_names_the_problem(predictor, table):
+    with pytest.raises(HwpruneError, match="unknown channel group 'nope'"):
+        predictor.predict("cifar_resnet20", [{"nope": 3}])
+    with pytest.raises(HwpruneError, match="between 1 and 16, got 0"):
+        predictor.predict("cifar_resnet20", [{"conv1": 0}])
+    with pytest.raises(HwpruneError, match="must be an integer"):
+        predictor.predict("cifar_resnet20", [{"conv1": 2.5}])
+    with pytest.raises(HwpruneError, match="never covered model 'resnet18'"):
+        predictor.predict("resnet18", [{}])
+    with pytest.raises(HwpruneError, match="too small to fit the 'conv' regressor"):
+        LatencyPredictor(min_rows=10_000).fit(table)
+    with pytest.raises(TableMismatch, match="batch"):
+        predictor.check_settings({"batch": 8})
+
+
+def test_sklearn_conventions(predictor):
+    params = predictor.get_params()
+    assert params["regressor"] == "auto"
+    c = clone(predictor)
+    assert c.get_params() == params and not hasattr(c, "estimators_")
+    assert LatencyPredictor().set_params(regressor="hgb").regressor == "hgb"
+
+
+def test_saved_as_data_and_refitted_on_load(predictor, table_path, tmp_path, space):
+    path = predictor.save(tmp_path / "p.json", table_path)
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "hwprune.predictor/1" and "table_sha256" in doc  # plain JSON, no pickle
+    back = LatencyPredictor.load(path)
+    cfgs = [space.uniform(0.5), space.full()]
+    assert np.allclose(back.predict("cifar_resnet20", cfgs), predictor.predict("cifar_resnet20", cfgs))
+
+
+def test_cross_validation_on_held_out_configurations(table):
+    df = cross_validate_e2e(table, folds=2, min_rows=5)
+    assert len(df) == len(table.e2e) and df["error"].notna().all()
+
+
+def test_cli_widths_predict_validate(table_path, tmp_path):
+    r = run_cli("widths", "--model", "cifar_resnet20", "--random", "3", "--seed", "1", "--out", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stderr
+    files = sorted((tmp_path / "w").glob("*.json"))
+    assert len(files) == 3
+    doc = json.loads(files[0].read_text())
+    assert doc["model"] == "cifar_resnet20" and len(doc["widths"]) == 12
+    r = run_cli("predict", "--table", str(table_path), "--model", "cifar_resnet20", "--widths", str(files[0]), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["predicted_ms"] > 0 and len(out["layers"]) == 22 and "extrapolated" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "cifar_resnet20", "widths": {"conv1": 99}}))
+    r = run_cli("predict", "--table", str(table_path), "--model", "cifar_resnet20", "--widths", str(bad))
+    assert r.returncode == 2 and "conv1" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("validate", "--table", str(table_path), "--model", "cifar_resnet20", "--samples", "3", "--json",
+                "--plot", str(tmp_path / "v.png"))
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)
+    assert v["n"] == 3 and {"within_5pct", "within_10pct", "rmspe", "spearman", "worst"} <= set(v)
+    assert (tmp_path / "v.png").stat().st_size > 1000
