@@ -75,6 +75,7 @@ def validate(table: Path = typer.Option(..., "--table"),
              model: str = typer.Option(..., "--model", help="Model name(s), comma separated."),
              samples: int = typer.Option(20, "--samples", min=1, help="Random configurations per model."),
              seed: int = typer.Option(0, "--seed"),
+             rounds: int = typer.Option(2, "--rounds", min=1, help="Fresh sessions per configuration."),
              plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (default: beside the table)."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Measure random pruned models end to end and compare them with the predictions."""
@@ -85,7 +86,7 @@ def validate(table: Path = typer.Option(..., "--table"),
     t = LatencyTable.load(table)
     names = [m.strip() for m in model.split(",") if m.strip()]
     with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
-        res = run_validate(t, names, samples, seed=seed, progress=update)
+        res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update)
     png = plot or table.with_suffix(".validation.png")
     plot_validation(res, png)
     doc = {**res.to_dict(), "plot": str(png)}

@@ -18,8 +18,8 @@ How a prediction is made:
   the layout reorders around it and any element-wise node that was *not* fused into it
   (which happens at some widths and not at others).
 * A model's latency is the sum of its layers, mapped to the measured end-to-end time by a
-  per-model linear overhead term fitted on the table's ``e2e`` rows (the gap covers
-  un-modelled nodes, launch gaps and profiler overhead).
+  per-model linear overhead term fitted on the table's ``e2e`` rows against the measured
+  layer sums (the gap covers un-modelled nodes and launch gaps).
 
 Predictors persist as data (the table's path and digest plus the parameters) and are
 refitted on load, so no pickle ever has to survive a scikit-learn upgrade.
@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from .errors import HwpruneError, TableMismatch
 from .space import PruningSpace, WidthConfig
@@ -132,7 +133,7 @@ def _candidates(seed: int) -> dict[str, object]:
                                              min_samples_leaf=4, l2_regularization=1e-3, random_state=seed),
         "hgb_deep": HistGradientBoostingRegressor(max_iter=600, learning_rate=0.05, max_leaf_nodes=63,
                                                   min_samples_leaf=2, random_state=seed),
-        "extra_trees": ExtraTreesRegressor(n_estimators=150, min_samples_leaf=1, n_jobs=-1, random_state=seed),
+        "extra_trees": ExtraTreesRegressor(n_estimators=150, min_samples_leaf=1, n_jobs=1, random_state=seed),
     }
 
 
@@ -271,10 +272,10 @@ class LatencyPredictor:
     def fit(self, table: LatencyTable) -> "LatencyPredictor":
         """Fit one regressor per unit kind, then each model's overhead term.
 
-        The overhead term maps the sum of a configuration's layer predictions to its
-        measured end-to-end time. It is fitted on *out-of-fold* layer predictions (each
-        configuration predicted by regressors that never saw it), so it corrects the
-        errors the predictor really makes rather than its fit to the training rows.
+        The overhead term maps the sum of a configuration's layer times to its measured
+        end-to-end time. It is fitted on the *measured* layer sums, not on predictions:
+        fitting it on noisy predictions would shrink its slope (regression dilution) and
+        pull every prediction towards the average configuration.
         """
         from sklearn.base import clone
 
@@ -291,28 +292,26 @@ class LatencyPredictor:
         self.selection_: dict[str, dict] = {}
         self.ranges_ = ts.ranges
         cands = _candidates(self.random_state)
-        oof_sum: dict[str, float] = {}
+        layer_sum: dict[str, float] = {}  # measured (target) time of each configuration's layers
         for k, y in ts.y.items():
             if len(y) < self.min_rows:
                 raise HwpruneError(f"the table is too small to fit the '{k}' regressor: {len(y)} layer rows, "
                                    f"need {self.min_rows}", "profile more configurations (--configs)")
-            name, scores, oof = self._select(ts.X[k], y, ts.groups[k])
+            name, scores, _ = self._select(ts.X[k], y, ts.groups[k])
             self.estimators_[k] = clone(cands[name]).fit(ts.X[k], np.log(y))
             self.selection_[k] = {"chosen": name, "cv_rmspe": scores, "rows": int(len(y))}
-            for g, v in zip(ts.groups[k], oof):
-                oof_sum[g] = oof_sum.get(g, 0.0) + float(v)
+            for g, v in zip(ts.groups[k], y):
+                layer_sum[g] = layer_sum.get(g, 0.0) + float(v)
         for model, f in fits.items():
             s = sums[sums["model"] == model]
-            keys = [f"{model}/{i}" for i in s["item"]]
-            layer_sum = np.array([oof_sum.get(k, np.nan) for k in keys])
-            ok = np.isfinite(layer_sum)
+            x = np.array([layer_sum.get(f"{model}/{i}", np.nan) for i in s["item"]])
+            ok = np.isfinite(x)
             e2e = s["e2e"].to_numpy()[ok]
             if ok.sum() >= 3:
-                A = np.stack([layer_sum[ok], np.ones(ok.sum())], axis=1)
+                A = np.stack([x[ok], np.ones(ok.sum())], axis=1)
                 f.slope, f.intercept = (float(v) for v in np.linalg.lstsq(A, e2e, rcond=None)[0])
             else:  # too few configurations for a slope: keep the sum, correct the mean gap
-                pred = self._layer_sum(model, [json.loads(w) for w in s["widths"]])
-                f.slope, f.intercept = 1.0, float(np.mean(s["e2e"].to_numpy() - pred)) if len(s) else 0.0
+                f.slope, f.intercept = 1.0, float(np.mean(e2e - x[ok])) if ok.any() else 0.0
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -349,7 +348,10 @@ class LatencyPredictor:
             if kind not in self.estimators_:
                 raise HwpruneError(f"the table never covered unit kind '{kind}' (layer '{tpl.slots[cols[0]].name}')")
             F = tpl.features(kind, cols, batch, cin, cout, pcin)
-            out[:, cols] = np.exp(self.estimators_[kind].predict(F)).reshape(n, len(cols))
+            # one thread: OpenMP workers left spinning after a prediction would slow down
+            # the latency measurements that callers (validation, GCP's device check) take next
+            with threadpool_limits(1):
+                out[:, cols] = np.exp(self.estimators_[kind].predict(F)).reshape(n, len(cols))
             lo, hi = self.ranges_[kind]
             extra[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
         return out, cin, cout, extra

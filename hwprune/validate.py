@@ -36,8 +36,8 @@ class ValidationSample:
     model: str
     widths: dict
     predicted_ms: float
-    measured_ms: float
-    measured_rcov: float
+    measured_ms: float  # median over fresh sessions
+    session_spread: float  # max/min - 1 of the session medians
     extrapolated: bool
 
     @property
@@ -80,8 +80,13 @@ def _metrics(samples: Sequence[ValidationSample]) -> dict:
 
 def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int = 0,
              predictor: LatencyPredictor | None = None, measure: MeasureConfig | None = None,
-             progress=None) -> ValidationResult:
-    """Measure ``samples`` random configurations per model and compare with predictions."""
+             rounds: int = 2, progress=None) -> ValidationResult:
+    """Measure ``samples`` random configurations per model and compare with predictions.
+
+    Every configuration is measured in ``rounds`` fresh sessions, round-robin over all
+    configurations (so a slow spell of the machine hits different models in different
+    rounds); the measured value is the median of its session medians.
+    """
     s = table.settings
     diff = table.mismatch({}, fingerprint())
     if diff:
@@ -100,31 +105,46 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     for _ in range(samples):
         for m in models:
             plan.append((m, spaces[m].sample(rng)))
+    # Predict everything first, then let any worker threads of the fit go idle: nothing
+    # but the runtime being measured may use the CPU during a measurement.
+    predicted = []
+    for m, cfg in plan:
+        p, layers = pred.predict_layers(m, cfg)
+        predicted.append((p, any(l.extrapolated for l in layers)))
+    time.sleep(0.5)
     out: list[ValidationSample] = []
     t0 = time.perf_counter()
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    sessions: list[list] = [[] for _ in plan]
     try:
         with tempfile.TemporaryDirectory(prefix="hwprune-validate-") as d:
+            arts = []
             for k, (m, cfg) in enumerate(plan):
-                if progress:
-                    progress(m, k, len(plan))
                 space = spaces[m]
                 shape = (batch, *space.input_shape[1:])
                 module = space.apply(cfg).eval()
                 art = ModelArtifact(input_shape=shape, module=module, name=m)
                 if backend.needs_onnx():
-                    art.onnx_path = export_onnx(module, shape, Path(d) / "v.onnx")
-                meas = backend.measure_e2e(art)
-                p, layers = pred.predict_layers(m, cfg)
-                out.append(ValidationSample(m, dict(cfg.widths), p, meas.stats.median, meas.stats.rcov,
-                                            any(l.extrapolated for l in layers)))
+                    art.onnx_path = export_onnx(module, shape, Path(d) / f"v{k}.onnx")
+                    art.module = None
+                arts.append(art)
+            total = rounds * len(plan)
+            for r in range(rounds):
+                for k, art in enumerate(arts):
+                    if progress:
+                        progress(plan[k][0], r * len(plan) + k, total)
+                    sessions[k].append(backend.measure_e2e(art).stats)
     finally:
         torch.set_num_threads(threads)
+    for (m, cfg), (p, extrapolated), st in zip(plan, predicted, sessions):
+        med = float(np.median([x.median for x in st]))
+        spread = float(max(x.median for x in st) / min(x.median for x in st) - 1)
+        out.append(ValidationSample(m, dict(cfg.widths), p, med, spread, extrapolated))
     if progress:
-        progress("", len(plan), len(plan))
+        progress("", rounds * len(plan), rounds * len(plan))
     overall = _metrics(out)
     worst = sorted(out, key=lambda x: -abs(x.error))[:5]
     return ValidationResult(

@@ -12,7 +12,8 @@
 # whole run (script and trainer) with  kill -STOP -- -$(cat runs/baselines/train.pid)
 # and  kill -CONT -- -$(cat runs/baselines/train.pid).
 #
-# Environment: DATA (default ../shared/data/cifar10-jpg), OUT (runs/baselines),
+# Environment: DATA (default ../shared/data/cifar10-jpg), OUT (runs/baselines; a directory
+# outside the work tree survives a fresh checkout, e.g. OUT=$HOME/hwprune-runs/baselines),
 # THREADS (2), BATCH (256), R20_EPOCHS (180), R56_EPOCHS (180).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +32,7 @@ train() {  # train NAME EPOCHS
         return
     fi
     echo "$(date -Is) $name: training for $epochs epochs -> $ck"
-    # Only the train/eval commands are needed here, so register just those.
-    python -u -c 'from hwprune.cli import app; import hwprune.cli_train; app(prog_name="hwprune")' \
-        train --model "$name" --data "$DATA" --out "$ck" --epochs "$epochs" --batch-size "$BATCH" \
+    hwprune train --model "$name" --data "$DATA" --out "$ck" --epochs "$epochs" --batch-size "$BATCH" \
         --schedule cosine --warmup-epochs 1 --weight-decay 5e-4 --label-smoothing 0.1 \
         --threads "$THREADS" --eval-every 5 --seed 0 --resume --json
     echo "$(date -Is) $name: done"
