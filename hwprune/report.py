@@ -148,7 +148,7 @@ def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out:
                                                               f"{' '.join('--checkpoints ' + str(c) for c in checkpoints)} --out {out}"]
     stem = out.with_suffix("")
     # Markdown twin, with the figures as PNG files beside it
-    md = [f"# hwprune benchmark report", "", "## Device {#device}", "", "| | |", "|---|---|"]
+    md = ["# hwprune benchmark report", "", "## Device {#device}", "", "| | |", "|---|---|"]
     md += [f"| {k} | {html.escape(str(v))} |" for k, v in device_rows]
     md += ["", "## Results {#results}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(str(c) for c in row) + " |" for row in result_rows]

@@ -6,7 +6,6 @@ import subprocess
 
 import onnx
 import pytest
-import torch
 import torch.nn as nn
 from onnx import TensorProto, helper
 

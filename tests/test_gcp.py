@@ -1,7 +1,6 @@
 """GCP on a tiny model and tiny synthetic data."""
 
 import numpy as np
-import pytest
 import torch
 
 from hwprune.cost import FlopsCost, ParamsCost
