@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from typing import Optional
 
 import typer
@@ -90,7 +89,9 @@ def prune(
         meta["base_predicted_ms"] = float(pred.predict(ck.arch, [space.full()])[0])
         meta["table"] = str(table)
         if measure:
-            meta.update(_measure_pair(table, pred, spec.module, pruned, (1, *spec.input_size)))
+            ms = _measure(table, {"base": spec.module, "pruned": pruned}, tuple(spec.input_size))
+            meta.update({"base_measured_ms": ms["base"], "measured_ms": ms["pruned"],
+                         "measured_speedup": ms["base"] / ms["pruned"]})
     new = Checkpoint.from_model(ModelSpec(ck.arch, pruned, spec.input_size, spec.num_classes),
                                 widths=res.widths.widths, meta=meta)
     if data is not None:
@@ -156,11 +157,11 @@ def _meet_on_device(space, base, cost, target, table, res, pruned):
     from .gcp import correct_to_measured, materialize
 
     r = res.info.pop("gcp_result")
-    base_ms = _measure_pair(table, None, base, base, (1, *space.input_shape[1:]), base_too=False)["measured_ms"]
+    chw = tuple(space.input_shape[1:])
+    base_ms = _measure(table, {"base": base}, chw)["base"]
 
     def measure(widths, keep):
-        m = materialize(space, r, widths, keep)
-        return _measure_pair(table, None, base, m, (1, *space.input_shape[1:]), rounds=1, base_too=False)["measured_ms"]
+        return _measure(table, {"pruned": materialize(space, r, widths, keep)}, chw, rounds=1)["pruned"]
 
     widths, keep, log = correct_to_measured(space, cost, r.widths, r.keep, r.scores, r.prior, measure, base_ms, target)
     res.widths, res.keep, res.cost_fraction = widths, keep, cost.fraction(widths)
@@ -168,32 +169,19 @@ def _meet_on_device(space, base, cost, target, table, res, pruned):
     return materialize(space, r, widths, keep)
 
 
-def _measure_pair(table, pred, base, pruned, shape, rounds: int = 3, base_too: bool = True) -> dict:
-    """End-to-end latency of the base and the pruned model on the table's backend, interleaved."""
-    import tempfile
-
-    from .backends import ModelArtifact, create_backend
-    from .export import export_onnx
+def _measure(table, modules: dict, chw: tuple, rounds: int = 3) -> dict[str, float]:
+    """End-to-end latency (ms) of ``modules`` on the table's backend and settings, by the bench harness."""
+    from .bench import BenchModel, bench
     from .table import LatencyTable
 
     s = LatencyTable.load(table).settings
-    be = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu")
-    batch = int(s.get("batch") or 1)
-    shape = (batch, *shape[1:])
-    out: dict = {"base_measured_ms": [], "measured_ms": []}
-    with tempfile.TemporaryDirectory() as d:
-        arts = {}
-        pairs = (("base_measured_ms", base), ("measured_ms", pruned)) if base_too else (("measured_ms", pruned),)
-        for key, m in pairs:
-            arts[key] = ModelArtifact(shape, export_onnx(m, shape, f"{d}/{key}.onnx"), m) if be.needs_onnx() \
-                else ModelArtifact(shape, None, m)
-        for _ in range(rounds):  # A B A B A B: drift hits both alike
-            for key, art in arts.items():
-                out[key].append(be.measure_e2e(art).stats.median)
-    res = {k: float(np.median(v)) for k, v in out.items() if v}
-    if base_too:
-        res["measured_speedup"] = res["base_measured_ms"] / res["measured_ms"]
-    return res
+    models = [BenchModel(label, module=m.eval(), input_size=chw) for label, m in modules.items()]
+    doc = bench(models, s["backend"], [int(s.get("batch") or 1)], threads=s.get("threads"),
+                device=s.get("device") or "cpu", rounds=rounds)
+    failed = [r for r in doc["results"] if r.get("error")]
+    if failed:
+        raise HwpruneError(f"measuring '{failed[0]['model']}' failed: {failed[0]['error']}")
+    return {r["model"]: r["latency_ms"]["median"] for r in doc["results"]}
 
 
 @app.command()

@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from .cost import _Base as CostBase
 from .errors import HwpruneError
+from .prune import first_prefix_within
 from .space import PruningSpace, WidthConfig
 
 
@@ -232,15 +233,7 @@ def _prune_to(space: PruningSpace, cost: CostBase, masks: _Masks, fraction: floa
         entries += [(float(scores[g.id][i]), gi, int(i)) for i in order]
     entries.sort()
     caps = np.array([int(masks.alive[g.id].sum()) for g in space.groups])
-    rows = [caps.copy()]
-    for _, gi, _ in entries:
-        nxt = rows[-1].copy()
-        nxt[gi] -= 1
-        rows.append(nxt)
-    W = np.stack(rows)
-    fr = cost.total(W) / base_cost
-    hit = np.nonzero(fr <= fraction + 1e-12)[0]
-    n = int(hit[0]) if len(hit) else len(entries)
+    _, n = first_prefix_within(cost, caps, [gi for _, gi, _ in entries], fraction * base_cost)
     for _, gi, i in entries[:n]:
         gid = space.groups[gi].id
         masks.alive[gid][i] = False

@@ -78,6 +78,27 @@ def removal_order(space: PruningSpace, scores: Mapping[str, np.ndarray], min_kee
     return [gi for _, gi in entries]
 
 
+def first_prefix_within(cost: CostBase, widths: np.ndarray, order: list[int], budget: float,
+                        stride: int = 16) -> tuple[np.ndarray, int]:
+    """Remove channels one by one (group index ``order[k]`` at step ``k``) from ``widths``.
+
+    Returns the width matrix of every prefix of removals and the length of the shortest
+    prefix whose cost is at most ``budget`` (all of them when none is). Costs are taken on
+    every ``stride``-th prefix first, then exactly inside the first bracket that meets the
+    budget, so a long removal order costs few predictions.
+    """
+    steps = np.zeros((len(order) + 1, len(widths)), dtype=np.int64)
+    if order:
+        steps[np.arange(1, len(order) + 1), order] = 1
+    W = np.asarray(widths)[None, :] - np.cumsum(steps, axis=0)
+    coarse = np.arange(0, len(W), stride)
+    hit = np.nonzero(cost.total(W[coarse]) <= budget * (1 + 1e-12))[0]
+    end = int(coarse[hit[0]]) if len(hit) else len(W) - 1
+    fine = np.arange(max(0, end - stride), end + 1)
+    ok = np.nonzero(cost.total(W[fine]) <= budget * (1 + 1e-12))[0]
+    return W, int(fine[ok[0]]) if len(ok) else len(W) - 1
+
+
 def search_global(space: PruningSpace, scores: Mapping[str, np.ndarray], cost: CostBase, target: float,
                   min_keep: float = 0.05) -> WidthConfig:
     """Remove the globally least important channels until the cost is at most ``target``."""
@@ -86,21 +107,7 @@ def search_global(space: PruningSpace, scores: Mapping[str, np.ndarray], cost: C
     floor = caps.copy()
     np.subtract.at(floor, order, 1)
     _check_target(cost, target, WidthConfig(space.name, dict(zip([g.id for g in space.groups], floor.tolist()))))
-    removed = np.zeros((len(order) + 1, len(caps)), dtype=np.int64)
-    for n, gi in enumerate(order):
-        removed[n + 1] = removed[n]
-        removed[n + 1, gi] += 1
-    W = caps[None, :] - removed
-    base = float(cost.total(W[:1])[0])
-    # coarse pass over every 16th prefix, then the exact prefix inside the first bracket that meets the target
-    coarse = np.arange(0, len(W), 16)
-    fr = cost.total(W[coarse]) / base
-    hit = np.nonzero(fr <= target + 1e-12)[0]
-    end = int(coarse[hit[0]]) if len(hit) else len(W) - 1
-    start = max(0, end - 16)
-    fine = np.arange(start, end + 1)
-    fr = cost.total(W[fine]) / base
-    n = int(fine[np.nonzero(fr <= target + 1e-12)[0][0]])
+    W, n = first_prefix_within(cost, caps, order, target * float(cost.total(caps[None, :])[0]))
     return WidthConfig(space.name, dict(zip([g.id for g in space.groups], W[n].tolist())))
 
 

@@ -17,12 +17,12 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..measure import MeasureConfig, Measurement, Stats, measure, time_once
+from ..measure import MeasureConfig, Measurement, Stats, collect, measure, time_once
 
 
 @dataclass(frozen=True)
@@ -188,20 +188,16 @@ def profile_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConf
                 pass
         feeds = _feeds(sess)
         runs = 0
-        t_end = time.perf_counter() + cfg.warmup_s
-        while True:  # first run and warm-up, dropped below
+
+        def step() -> float:
+            nonlocal runs
             sess.run(None, feeds)
             runs += 1
-            if time.perf_counter() >= t_end:
-                break
-        skip = runs
-        t0 = time.perf_counter()
-        n = 0
-        while n < cfg.min_iters or time.perf_counter() - t0 < cfg.min_time_s:
-            sess.run(None, feeds)
-            n += 1
-            if n >= min(cfg.max_iters, cfg.profile_max_iters):
-                break
+            return 0.0  # the times come from the profile; the protocol only decides how many runs
+
+        step()  # the first run, dropped with the warm-up below
+        timed = collect(step, replace(cfg, max_iters=min(cfg.max_iters, cfg.profile_max_iters)))
+        skip = runs - len(timed)
         prof = sess.end_profiling()
         try:
             nodes = _parse_profile(prof, skip)
