@@ -69,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/baselines"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--note", action="append", default=[], help="A line to add under the table (repeatable).")
     args = parser.parse_args()
     rows = [r for r in (summarise(args.runs, m) for m in MODELS) if r is not None]
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": str(torch.__version__),
@@ -85,6 +86,10 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['status']} | {r['top1']} | {r['top5']} | "
                      f"{r.get('epochs') or r['epochs_done']} | {r.get('params', '')} | {r['seconds_per_epoch']} | "
                      f"{r['train_seconds'] / 3600:.2f} |")
+    if args.note:
+        lines += [""] + [f"- {n}" for n in args.note]
+    (args.out / "baselines.json").write_text(json.dumps({"machine": machine, "runs": rows, "notes": args.note},
+                                                        indent=2) + "\n")
     (args.out / "baselines.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(rows, indent=2))
 

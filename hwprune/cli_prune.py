@@ -39,6 +39,16 @@ def prune(
     iters: Optional[int] = typer.Option(None, "--iters", min=1, help="GCP: iterations per phase (default: an epoch)."),
     measure: bool = typer.Option(True, "--measure/--no-measure",
                                  help="Measure base and pruned model end to end on the table's backend."),
+    latency_target: Optional[float] = typer.Option(
+        None, "--latency-target", min=0.01, max=1.0,
+        help="Meet this fraction of the base model's measured latency on the table's backend, whatever the "
+             "objective (e.g. GCP-f at the FLOPs fraction that gives 0.5 latency). Default: --target for the "
+             "latency and throughput objectives."),
+    finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", min=0.0, help="Peak fine-tuning lr."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Fine-tuning batch size."),
+    min_keep: float = typer.Option(0.2, "--min-keep", min=0.0, max=1.0,
+                                   help="Every channel group keeps at least this fraction of its channels."),
+    chart: Optional[Path] = typer.Option(None, "--chart", help="Write the per-layer width chart (PNG) here."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -63,12 +73,29 @@ def prune(
     if round_hw and pred is None:
         raise HwpruneError("--round-hw needs the device's latency table", "pass --table")
     cost = make_objective(objective, space, pred)
+    meet = latency_target if latency_target is not None else (
+        target if objective in ("latency", "throughput") else None)
+    if latency_target is not None and (pred is None or not measure):
+        raise HwpruneError("--latency-target is met by measuring on the table's backend", "pass --table and --measure")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    chw = tuple(spec.input_size)
+    base_ms = _measure(table, {"base": spec.module}, chw)["base"] if (meet is not None and measure) else None
+    correction = None
+    import time
+
+    t0 = time.perf_counter()
     if method == "gcp":
-        pruned, res = _run_gcp(space, spec.module, cost, target, data, steps, iters, ck, as_json)
-        if objective in ("latency", "throughput") and measure:
-            pruned = _meet_on_device(space, spec.module, cost, target, table, res, pruned)
+        pruned, res = _run_gcp(space, spec.module, cost, target, data, steps, iters, ck, as_json, min_keep)
+        if base_ms is not None:
+            pruned = _meet_on_device(space, cost, meet, table, res, base_ms, min_keep)
+            correction = res.info["gcp"].pop("gcp_device_correction")
+    elif base_ms is not None:
+        res, correction = _meet_baseline(space, method, cost, target, spec.module, table, meet, base_ms, min_keep)
     else:
-        res = prune_widths(space, method, cost, target, model=spec.module)
+        res = prune_widths(space, method, cost, target, model=spec.module, min_keep=min_keep)
     if round_hw:
         from .cost import LatencyCost
 
@@ -77,9 +104,13 @@ def prune(
         res.cost_fraction = cost.fraction(res.widths)
     if method != "gcp" or round_hw:
         pruned = space.apply(res.widths, keep=res.keep)
+    prune_seconds = time.perf_counter() - t0
     meta = {"parent": str(checkpoint), "method": method, "objective": objective, "target": target,
+            "min_keep": min_keep,
             "cost_fraction": res.cost_fraction, "criterion": res.info.get("criterion", "bn"), "round_hw": round_hw,
-            "data": ck.meta.get("data", {}), **res.info.get("gcp", {})}
+            "data": ck.meta.get("data", {}), **res.info.get("gcp", {}), "prune_seconds": prune_seconds}
+    if meet is not None and base_ms is not None:
+        meta.update({"latency_target": meet, "device_correction": correction})
     from .cost import FlopsCost, ParamsCost
 
     meta["flops"] = int(FlopsCost(space).total([res.widths])[0])
@@ -102,14 +133,22 @@ def prune(
         if finetune_epochs > 0:
             tmp = out.with_name(out.stem + ".pre-finetune.pt")
             new.save(tmp)
-            result = train(Checkpoint.load(tmp), splits, TrainConfig(epochs=finetune_epochs, threads=threads), out,
-                           progress=not as_json)
+            tcfg = TrainConfig(epochs=finetune_epochs, threads=threads, lr=finetune_lr, batch_size=batch_size)
+            result = train(Checkpoint.load(tmp), splits, tcfg, out, progress=not as_json)
             tmp.unlink(missing_ok=True)
+            result.state_path.unlink(missing_ok=True)  # finished: the resumable state is no longer needed
             new = Checkpoint.load(result.checkpoint)
             new.meta.update({k: v for k, v in meta.items() if k not in new.meta})
+            new.meta["finetune"] = {"epochs": finetune_epochs, "lr": tcfg.peak_lr(), "batch_size": batch_size,
+                                    "seconds": result.seconds}
         if splits.test is not None:
             new.meta["accuracy"] = evaluate(new.build_model().module, splits.test)
     new.save(out)
+    if chart is not None:
+        from .report import width_chart
+
+        width_chart({f"{method}-{objective}": _fractions(space, res.widths)}, chart,
+                    title=f"{ck.arch}: kept channels per group")
     summary = {"checkpoint": str(out), "widths": res.widths.widths,
                **{k: v for k, v in new.meta.items() if k not in ("data", "history", "train")}}
     if as_json:
@@ -119,7 +158,7 @@ def prune(
                       f"(target {100 * target:.1f}%) -> {out}")
 
 
-def _run_gcp(space, model, cost, target, data, steps, iters, ck, quiet):
+def _run_gcp(space, model, cost, target, data, steps, iters, ck, quiet, min_keep):
     """GCP on the checkpoint's training data, with a held-out split for choosing lambda and lr."""
     from .data import BatchLoader, holdout_split, load_splits
     from .gcp import GCPConfig, gcp
@@ -143,30 +182,72 @@ def _run_gcp(space, model, cost, target, data, steps, iters, ck, quiet):
     held_loader = BatchLoader(held, 256)
     with item_progress("GCP", enabled=not quiet) as update:
         pruned, r = gcp(model, space, cost, train_batches, lambda: iter(held_loader),
-                        GCPConfig(target=target, steps=steps, iters_per_phase=iters), progress=update)
+                        GCPConfig(target=target, steps=steps, iters_per_phase=iters, min_keep=min_keep), progress=update)
     info = {"criterion": "bn", "gcp": {"gcp_lambda": r.lam, "gcp_lr": r.lr, "gcp_steps": steps,
                                        "gcp_history": r.history, "gcp_search": r.search,
-                                       "prune_seconds": r.seconds}}
+                                       "gcp_seconds": r.seconds}}
     info["gcp_result"] = r
     return pruned, PruneResult(widths=r.widths, keep=r.keep, cost_fraction=r.cost_fraction, objective=cost.name,
                                target=target, method="gcp", info=info)
 
 
-def _meet_on_device(space, base, cost, target, table, res, pruned):
-    """Measure the GCP result on the table's backend; prune or restore channels until the target is met."""
+def _fractions(space, widths) -> list[float]:
+    return [widths.widths.get(g.id, g.channels) / g.channels for g in space.groups]
+
+
+def _meet_on_device(space, cost, meet, table, res, base_ms, min_keep):
+    """Measure the GCP result on the table's backend; prune or restore channels until ``meet`` is met."""
     from .gcp import correct_to_measured, materialize
 
     r = res.info.pop("gcp_result")
     chw = tuple(space.input_shape[1:])
-    base_ms = _measure(table, {"base": base}, chw)["base"]
 
     def measure(widths, keep):
         return _measure(table, {"pruned": materialize(space, r, widths, keep)}, chw, rounds=1)["pruned"]
 
-    widths, keep, log = correct_to_measured(space, cost, r.widths, r.keep, r.scores, r.prior, measure, base_ms, target)
+    widths, keep, log = correct_to_measured(space, cost, r.widths, r.keep, r.scores, r.prior, measure, base_ms, meet,
+                                            min_keep=min_keep)
     res.widths, res.keep, res.cost_fraction = widths, keep, cost.fraction(widths)
     res.info["gcp"]["gcp_device_correction"] = log
     return materialize(space, r, widths, keep)
+
+
+def _meet_baseline(space, method, cost, target, model, table, meet, base_ms, min_keep, rounds: int = 4,
+                   tol: float = 0.03):
+    """Drive a baseline method to ``meet`` of the measured base latency: re-plan its cost target by the
+    measured ratio until the measured latency lies in ``[meet - tol, meet]`` (or ``rounds`` run out).
+    Keeps the slowest configuration that met the target, else the last one."""
+    from .prune import prune_widths
+
+    chw = tuple(space.input_shape[1:])
+    goal, log, best, res = target, [], None, None
+    lo = hi = None
+    for r in range(rounds + 1):
+        try:
+            cand = prune_widths(space, method, cost, goal, model=model, min_keep=min_keep)
+        except HwpruneError as e:  # the re-planned goal fell below the narrowest configuration
+            log.append({"round": r, "goal": goal, "error": str(e)})
+            break
+        res = cand
+        ms = _measure(table, {"pruned": space.apply(res.widths, keep=res.keep)}, chw, rounds=1)["pruned"]
+        ratio = ms / base_ms
+        log.append({"round": r, "goal": goal, "measured_ms": ms, "ratio": ratio, "predicted_fraction": res.cost_fraction})
+        if ratio <= meet:
+            lo = res.cost_fraction if lo is None else max(lo, res.cost_fraction)
+            if best is None or ratio > best[0]:
+                best = (ratio, res)
+        else:
+            hi = res.cost_fraction if hi is None else min(hi, res.cost_fraction)
+        if meet - tol <= ratio <= meet:
+            break
+        goal = 0.5 * (lo + hi) if (lo is not None and hi is not None) else min(1.0, res.cost_fraction * meet / ratio)
+    if res is None:
+        raise HwpruneError(log[-1]["error"])
+    chosen = best[1] if (best and log[-1].get("ratio", 9) > meet) else res
+    for e in log:
+        if e.get("predicted_fraction") == chosen.cost_fraction:
+            e["kept"] = True
+    return chosen, log
 
 
 def _measure(table, modules: dict, chw: tuple, rounds: int = 3) -> dict[str, float]:

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from .cost import _Base as CostBase
 from .errors import HwpruneError
-from .prune import first_prefix_within
+from .prune import DEFAULT_MIN_KEEP, first_prefix_within
 from .space import PruningSpace, WidthConfig
 
 
@@ -55,9 +55,10 @@ class GCPConfig:
     lam_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     lr_grid: tuple[float, ...] = (1e-2, 1e-3)
     search_iters: int = 50  # iterations per phase while choosing lambda and lr
-    min_keep: float = 0.05  # every group keeps at least this fraction of its channels
+    min_keep: float = DEFAULT_MIN_KEEP  # every group keeps at least this fraction of its channels
     momentum: float = 0.9
     seed: int = 0
+    precision: str = "auto"  # "auto": bf16 autocast and channels_last where the CPU/GPU runs them fast; "fp32"
 
 
 @dataclass
@@ -185,14 +186,28 @@ def _channel_costs(space: PruningSpace, cost: CostBase, masks: _Masks) -> dict[s
     return {g: max(float(v), floor) / mean for g, v in zip(mc, vals)}
 
 
-def _phase(model, masks, params, it, n_iters, lr, momentum, lam=0.0, costs=None, train_stats=False) -> float:
+def _amp(precision: str) -> torch.dtype | None:
+    from .train import _amp_dtype
+
+    return _amp_dtype(precision, torch.device("cpu"))
+
+
+def _forward(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    if amp is None:
+        return model(x)
+    with torch.autocast("cpu", dtype=amp):
+        return model(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+def _phase(model, masks, params, it, n_iters, lr, momentum, lam=0.0, costs=None, train_stats=False,
+           amp=None) -> float:
     """``n_iters`` SGD steps; with ``lam > 0`` each step is followed by the proximal L1 step."""
     _set_bn_mode(model, train_stats)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     total, n = 0.0, 0
     for _ in range(n_iters):
         x, y = next(it)
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(_forward(model, x, amp), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -208,11 +223,11 @@ def _phase(model, masks, params, it, n_iters, lr, momentum, lam=0.0, costs=None,
 
 
 @torch.no_grad()
-def _eval_loss(model: nn.Module, batches: Batches) -> float:
+def _eval_loss(model: nn.Module, batches: Batches, amp=None) -> float:
     model.eval()
     tot, n = 0.0, 0
     for x, y in batches():
-        tot += float(nn.functional.cross_entropy(model(x), y, reduction="sum"))
+        tot += float(nn.functional.cross_entropy(_forward(model, x, amp), y, reduction="sum"))
         n += len(y)
     return tot / max(n, 1)
 
@@ -245,16 +260,20 @@ def _run(model: nn.Module, space: PruningSpace, cost: CostBase, cfg: GCPConfig, 
          lam: float, lr: float, iters: int, steps: int, progress=None) -> tuple[_Masks, list[dict]]:
     masks = _Masks(model, space)
     params = _trainables(model, masks)
+    amp = _amp(cfg.precision)
+    if amp is not None:
+        model.to(memory_format=torch.channels_last)
     base = float(cost.total([space.full()])[0])
     it = _cycle(train)
     history = []
     try:
         for t in range(1, steps + 1):
             costs = _channel_costs(space, cost, masks)
-            reg = _phase(model, masks, params, it, iters, lr, cfg.momentum, lam=lam, costs=costs, train_stats=False)
+            reg = _phase(model, masks, params, it, iters, lr, cfg.momentum, lam=lam, costs=costs, train_stats=False,
+                         amp=amp)
             goal = 1.0 - t * (1.0 - cfg.target) / steps
             _prune_to(space, cost, masks, goal, cfg.min_keep, base)
-            rec = _phase(model, masks, params, it, iters, lr, cfg.momentum, train_stats=True)
+            rec = _phase(model, masks, params, it, iters, lr, cfg.momentum, train_stats=True, amp=amp)
             frac = float(cost.total([masks.widths()])[0] / base)
             history.append({"step": t, "goal": goal, "cost_fraction": frac, "reg_loss": reg, "recover_loss": rec,
                             "widths": dict(masks.widths().widths)})
@@ -288,7 +307,7 @@ def gcp(model: nn.Module, space: PruningSpace, cost: CostBase, train: Batches, h
         for k, (la, le) in enumerate(grid):
             trial = copy.deepcopy(model)
             masks, _ = _run(trial, space, cost, cfg, train, la, le, min(iters, cfg.search_iters), steps=1)
-            loss = _eval_loss(trial, holdout)
+            loss = _eval_loss(trial, holdout, _amp(cfg.precision))
             masks.remove()
             search.append({"lambda": la, "lr": le, "holdout_loss": loss})
             if progress:
@@ -304,6 +323,7 @@ def gcp(model: nn.Module, space: PruningSpace, cost: CostBase, train: Batches, h
     prior = {gid: g.numpy().copy() for gid, g in masks.gscale.items()}
     values = {gid: p.detach().clone() for gid, p in masks.params.items()}
     masks.remove()
+    work.to(memory_format=torch.contiguous_format)
     for p in work.parameters():
         p.requires_grad_(True)
     res = GCPResult(widths=widths, keep=keep, cost_fraction=float(cost.fraction(widths)), history=history,
@@ -323,14 +343,16 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
                         scores: dict[str, np.ndarray], prior: dict[str, np.ndarray],
                         measure: Callable[[WidthConfig, dict[str, list[int]]], float], base_ms: float,
                         target: float, tol: float = 0.03, rounds: int = 4,
-                        min_keep: float = 0.05) -> tuple[WidthConfig, dict[str, list[int]], list[dict]]:
+                        min_keep: float = DEFAULT_MIN_KEEP) -> tuple[WidthConfig, dict[str, list[int]], list[dict]]:
     """Meet the target on the device, not only in prediction.
 
     ``measure(widths, keep)`` returns the measured end-to-end latency of that pruned
     model. While the measured ratio to ``base_ms`` is above ``target`` (or more than
-    ``tol`` below it), the predicted-cost goal is rescaled by ``target / ratio`` and
+    ``tol`` below it), the predicted-cost goal is rescaled by ``target / ratio`` (or,
+    once one goal landed under and one over the target, bisected between them) and
     channels are pruned further (lowest effective BN scale first) or restored (highest
-    prior BN scale first), then the model is measured again.
+    prior BN scale first), then the model is measured again. If the last try misses,
+    the slowest configuration that met the target is returned.
     """
     alive = {g.id: np.zeros(g.channels, dtype=bool) for g in space.groups}
     for gid, idx in keep.items():
@@ -341,6 +363,8 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
         return WidthConfig(space.name, {gid: int(a.sum()) for gid, a in alive.items()})
 
     base_cost = float(cost.total([space.full()])[0])
+    lo = hi = None  # predicted-cost goals known to land under / over the target on the device
+    best = None  # (ratio, alive) of the slowest configuration that met the target
     for r in range(rounds + 1):
         cfg = current()
         ms = measure(cfg, {gid: [int(i) for i in np.nonzero(a)[0]] for gid, a in alive.items()})
@@ -348,10 +372,17 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
         frac = float(cost.total([cfg])[0] / base_cost)
         log.append({"round": r, "measured_ms": ms, "ratio": ratio, "predicted_fraction": frac,
                     "widths": dict(cfg.widths)})
+        if ratio <= target:
+            lo = frac if lo is None else max(lo, frac)
+            if best is None or ratio > best[0]:
+                best = (ratio, {gid: a.copy() for gid, a in alive.items()})
+        else:
+            hi = frac if hi is None else min(hi, frac)
         if target - tol <= ratio <= target or r == rounds:
             break
-        goal = frac * target / ratio
-        if ratio > target:  # too slow: prune the least important live channels
+        # latency is a staircase, not a line: bisect once the target is bracketed, else scale by the miss
+        goal = 0.5 * (lo + hi) if (lo is not None and hi is not None) else frac * target / ratio
+        if goal < frac:  # too slow: prune the least important live channels
             cands = sorted((float(scores[g.id][i]), gi, int(i)) for gi, g in enumerate(space.groups)
                            for i in np.nonzero(alive[g.id])[0])
             for _, gi, i in cands:
@@ -370,5 +401,10 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
                 if cost.total([current()])[0] / base_cost > goal:
                     alive[g.id][i] = False
                     break
+    kept = len(log) - 1
+    if best is not None and log[-1]["ratio"] > target:  # the last try missed: keep the best one that met it
+        alive = best[1]
+        kept = next(e["round"] for e in log if e["ratio"] == best[0])
+    log[kept]["kept"] = True
     cfg = current()
     return cfg, {gid: [int(i) for i in np.nonzero(a)[0]] for gid, a in alive.items()}, log

@@ -307,8 +307,12 @@ class LatencyPredictor:
             if len(y) < self.min_rows:
                 raise HwpruneError(f"the table is too small to fit the '{k}' regressor: {len(y)} layer rows, "
                                    f"need {self.min_rows}", "profile more configurations (--configs)")
-            name, scores, _ = self._select(ts.X[k], y, ts.groups[k])
-            self.estimators_[k] = clone(cands[name]).fit(ts.X[k], np.log(y))
+        for k, y in ts.y.items():
+            # one OpenMP thread: the fits are small, and spinning OpenMP workers made them 20x slower
+            # whenever another process (a training run, a measurement) held the other core
+            with threadpool_limits(1):
+                name, scores, _ = self._select(ts.X[k], y, ts.groups[k])
+                self.estimators_[k] = clone(cands[name]).fit(ts.X[k], np.log(y))
             self.selection_[k] = {"chosen": name, "cv_rmspe": scores, "rows": int(len(y))}
             for g, v in zip(ts.groups[k], y):
                 layer_sum[g] = layer_sum.get(g, 0.0) + float(v)

@@ -61,7 +61,10 @@ def search_uniform(space: PruningSpace, cost: CostBase, target: float, multiple:
     return cfgs[int(ok[-1])] if len(ok) else floor
 
 
-def removal_order(space: PruningSpace, scores: Mapping[str, np.ndarray], min_keep: float = 0.05) -> list[int]:
+DEFAULT_MIN_KEEP = 0.2  # every group keeps at least this fraction of its channels unless told otherwise
+
+
+def removal_order(space: PruningSpace, scores: Mapping[str, np.ndarray], min_keep: float = DEFAULT_MIN_KEEP) -> list[int]:
     """Group index of each channel in global removal order (least important first).
 
     Scores are normalised by their group's mean so that groups compare fairly (as
@@ -100,7 +103,7 @@ def first_prefix_within(cost: CostBase, widths: np.ndarray, order: list[int], bu
 
 
 def search_global(space: PruningSpace, scores: Mapping[str, np.ndarray], cost: CostBase, target: float,
-                  min_keep: float = 0.05) -> WidthConfig:
+                  min_keep: float = DEFAULT_MIN_KEEP) -> WidthConfig:
     """Remove the globally least important channels until the cost is at most ``target``."""
     order = removal_order(space, scores, min_keep)
     caps = np.array([g.channels for g in space.groups])
@@ -131,7 +134,7 @@ def round_to_staircase(space: PruningSpace, latency: CostBase, widths: WidthConf
 
 
 def prune_widths(space: PruningSpace, method: str, cost: CostBase, target: float, model: nn.Module | None = None,
-                 criterion: str | None = None) -> PruneResult:
+                 criterion: str | None = None, min_keep: float = DEFAULT_MIN_KEEP) -> PruneResult:
     """A baseline method's width configuration and surviving channels for ``target``."""
     if method not in METHODS:
         raise HwpruneError(f"unknown pruning method '{method}'", f"choose one of {', '.join(METHODS)} (or gcp)")
@@ -140,6 +143,6 @@ def prune_widths(space: PruningSpace, method: str, cost: CostBase, target: float
     if method == "uniform":
         cfg = search_uniform(space, cost, target)
     else:
-        cfg = search_global(space, scores, cost, target)
+        cfg = search_global(space, scores, cost, target, min_keep=min_keep)
     return PruneResult(widths=cfg, keep=keep_indices(scores, cfg), cost_fraction=cost.fraction(cfg),
                        objective=cost.name, target=target, method=method, info={"criterion": crit})

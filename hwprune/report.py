@@ -38,6 +38,40 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _width_figure(lines: dict[str, Sequence[float]], labels: Sequence[str] | None = None, title: str | None = None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(v) for v in lines.values())
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.22 * n), 3.8))
+    for name, fr in lines.items():
+        ax.plot(range(len(fr)), fr, marker=".", label=name)
+    ax.set_xlabel("channel group (network order)")
+    ax.set_ylabel("kept fraction of channels")
+    ax.set_ylim(0, 1.05)
+    if labels is not None:
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def width_chart(lines: dict[str, Sequence[float]], out: str | Path, labels: Sequence[str] | None = None,
+                title: str | None = None) -> Path:
+    """Per-layer width chart (like the PruneNet paper's Figures 2 and 3): kept fraction of each
+    channel group in network order, one line per entry of ``lines``; written as a PNG."""
+    from .io import atomic_write_bytes
+
+    if not lines:
+        raise ValueError("width_chart needs at least one line")
+    return atomic_write_bytes(Path(out), _png(_width_figure(lines, labels, title)))
+
+
 def _figures(doc: dict, cks: list[dict]) -> dict[str, bytes | None]:
     import matplotlib
 
@@ -65,15 +99,7 @@ def _figures(doc: dict, cks: list[dict]) -> dict[str, bytes | None]:
         figs["pareto"] = None
     wcks = [c for c in cks if c.get("fractions")]
     if wcks:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for c in wcks:
-            ax.plot(range(len(c["fractions"])), c["fractions"], marker=".", label=c["label"])
-        ax.set_xlabel("channel group (network order)")
-        ax.set_ylabel("kept fraction of channels")
-        ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        figs["widths"] = _png(fig)
+        figs["widths"] = _png(_width_figure({c["label"]: c["fractions"] for c in wcks}))
     else:
         figs["widths"] = None
     pv = [(r["latency_ms"]["median"], r["predicted_ms"], r["model"]) for r in doc["results"]

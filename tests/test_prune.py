@@ -201,3 +201,30 @@ def test_cli_prune_and_export(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     r = run_cli("prune", "--checkpoint", str(tmp_path / "junk.pt"), "--target", "0.5", "--out", str(tmp_path / "y.pt"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_cli_prune_meets_a_measured_latency_target(tmp_path, quick):
+    """GCP-f style: a FLOPs-driven method re-planned until the measured latency meets --latency-target."""
+    from hwprune.profiler import profile
+
+    table = tmp_path / "r20.parquet"
+    profile("cifar_resnet20", table, threads=1, configs=10, micro_per_config=0, measure=quick)
+    spec = create_model("cifar_resnet20")
+    _randomize_bn(spec.module)
+    base = Checkpoint.from_model(spec, meta={}).save(tmp_path / "base.pt")
+    out, chart = tmp_path / "p.pt", tmp_path / "w.png"
+    r = run_cli("prune", "--checkpoint", str(base), "--method", "l1", "--objective", "flops", "--target", "0.6",
+                "--latency-target", "0.6", "--table", str(table), "--threads", "1", "--chart", str(chart),
+                "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    log = doc["device_correction"]
+    assert doc["latency_target"] == 0.6 and log and all(e["measured_ms"] > 0 for e in log if "error" not in e)
+    met = [e for e in log if e.get("ratio", 9) <= 0.6]
+    if met:  # the kept configuration is the slowest one that met the target
+        assert doc["cost_fraction"] == pytest.approx(max(met, key=lambda e: e["ratio"])["predicted_fraction"])
+    assert doc["measured_ms"] > 0 and doc["base_measured_ms"] > doc["measured_ms"]
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    r = run_cli("prune", "--checkpoint", str(base), "--method", "l1", "--target", "0.6", "--latency-target", "0.6",
+                "--out", str(tmp_path / "q.pt"))
+    assert r.returncode == 2 and "--table" in r.stderr and "Traceback" not in r.stderr

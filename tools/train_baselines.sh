@@ -14,7 +14,9 @@
 #
 # Environment: DATA (default ../shared/data/cifar10-jpg), OUT (runs/baselines; a directory
 # outside the work tree survives a fresh checkout, e.g. OUT=$HOME/hwprune-runs/baselines),
-# THREADS (2), BATCH (256), R20_EPOCHS (180), R56_EPOCHS (180).
+# THREADS (2), BATCH (256), R20_EPOCHS (180), R56_EPOCHS (180), MODELS (which to train, in order;
+# default "cifar_resnet20 cifar_resnet56"). Changing the epoch count of a resumed run re-plans
+# the cosine schedule over the new total from the epoch reached.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +40,11 @@ train() {  # train NAME EPOCHS
     echo "$(date -Is) $name: done"
 }
 
-train cifar_resnet20 "${R20_EPOCHS:-180}"
-train cifar_resnet56 "${R56_EPOCHS:-180}"
+for name in ${MODELS:-cifar_resnet20 cifar_resnet56}; do
+    case $name in
+        cifar_resnet20) train "$name" "${R20_EPOCHS:-180}" ;;
+        cifar_resnet56) train "$name" "${R56_EPOCHS:-180}" ;;
+        *) echo "unknown baseline $name" >&2; exit 2 ;;
+    esac
+done
 echo "$(date -Is) all baselines done"

@@ -1,0 +1,182 @@
+"""``hwprune quickstart``: the whole pipeline on this machine, offline, in a few minutes.
+
+It runs the real commands one after the other, printing each, so that the quickstart is also
+the recipe for a user's own model:
+
+1. ``hwprune profile``  - a latency table of this CPU with ONNX Runtime (cifar_resnet20's width space);
+2. ``hwprune validate`` - fit the predictor and compare it with fresh end-to-end measurements;
+3. ``hwprune eval``     - the shipped cifar_resnet20 checkpoint on the shipped CIFAR-10 test sample;
+4. ``hwprune prune``    - GCP-lambda to half the measured latency, corrected on the device, fine-tuned
+                          on the shipped training sample;
+5. ``hwprune bench``    - base and pruned model interleaved, in fresh sessions;
+6. ``hwprune report``   - the HTML and Markdown report.
+
+Everything it needs ships with the package (``hwprune/assets``): a cifar_resnet20 checkpoint
+trained by ``tools/train_baselines.sh`` and a 5,000 + 2,000 image sample of CIFAR-10. Re-running
+with the same ``--out`` continues: the table resumes, finished steps are redone only with
+``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli import app, console
+from .errors import HwpruneError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BASE_CK = ASSETS / "cifar_resnet20.pt"
+SAMPLE = ASSETS / "cifar10-sample"
+
+
+def _run(args: list[str], capture: bool = False) -> str:
+    console.print(f"\n[bold cyan]$ hwprune {' '.join(shlex.quote(a) for a in args)}[/]", highlight=False)
+    r = subprocess.run([sys.executable, "-m", "hwprune", *args], text=True,
+                       stdout=subprocess.PIPE if capture else None)
+    if r.returncode != 0:
+        raise HwpruneError(f"step `hwprune {args[0]}` failed (exit {r.returncode})",
+                           "its error is printed above; fix it and re-run the quickstart (finished steps are kept)")
+    return r.stdout or ""
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("hwprune-quickstart"), "--out", help="Directory for the table, models and report."),
+    target: float = typer.Option(0.5, "--target", min=0.05, max=0.95,
+                                 help="Fraction of the base model's measured latency to reach."),
+    configs: int = typer.Option(40, "--configs", min=5, help="Width configurations to profile."),
+    samples: int = typer.Option(20, "--samples", min=2, help="Configurations measured to validate the predictor."),
+    finetune_epochs: int = typer.Option(3, "--finetune-epochs", min=0),
+    gcp_iters: int = typer.Option(30, "--gcp-iters", min=1, help="GCP iterations per regularise/recover phase."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: all cores)."),
+    force: bool = typer.Option(False, "--force", help="Redo finished steps."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON on stdout."),
+) -> None:
+    """Profile this CPU, fit and validate the predictor, prune the shipped ResNet-20 to half its
+    measured latency with GCP-lambda, verify it, and write a report. Offline; a few minutes on 2 cores."""
+    from rich.table import Table
+
+    for p in (BASE_CK, SAMPLE / "train.tar.gz", SAMPLE / "test.tar.gz"):
+        if not p.exists():
+            raise HwpruneError(f"the quickstart asset {p} is missing", "reinstall hwprune from a full checkout")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    table, pruned = out / "cpu_table.parquet", out / "cifar_resnet20_gcp.pt"
+    base = out / "cifar_resnet20_base.pt"
+    thr = ["--threads", str(threads)] if threads else []
+    steps = {}
+
+    def done(path: Path) -> bool:
+        return path.exists() and not force
+
+    # 1. profile
+    t = time.perf_counter()
+    if not done(table):
+        _run(["profile", "--model", "cifar_resnet20", "--configs", str(configs), "--micro", "0", "--out", str(table),
+              *thr, "--resume" if table.exists() and not force else "--overwrite"])
+    steps["profile"] = time.perf_counter() - t
+    from .table import LatencyTable
+
+    tab = LatencyTable.load(table)
+    if not tab.complete:  # an interrupted run: finish it
+        _run(["profile", "--model", "cifar_resnet20", "--configs", str(configs), "--micro", "0", "--out", str(table),
+              *thr, "--resume"])
+        tab = LatencyTable.load(table)
+
+    # 2. validate the predictor end to end
+    t = time.perf_counter()
+    vjson = out / "validation.json"
+    if not done(vjson):
+        with console.status(f"validating the predictor on {samples} fresh configurations"):
+            doc = json.loads(_run(["validate", "--table", str(table), "--model", "cifar_resnet20", "--samples",
+                                   str(samples), "--plot", str(out / "validation.png"), "--json"], capture=True))
+        from .io import atomic_write_text
+
+        atomic_write_text(vjson, json.dumps(doc, indent=1) + "\n")
+    val = json.loads(vjson.read_text())
+    steps["validate"] = time.perf_counter() - t
+
+    # 3. the base model on the test sample
+    t = time.perf_counter()
+    if not done(base):
+        from .checkpoint import Checkpoint
+
+        ck = Checkpoint.load(BASE_CK)
+        with console.status("evaluating the shipped cifar_resnet20 on the CIFAR-10 test sample"):
+            acc = json.loads(_run(["eval", "--checkpoint", str(BASE_CK), "--data", str(SAMPLE), "--json"],
+                                  capture=True))
+        ck.meta["full_test_accuracy"] = ck.meta.get("accuracy")
+        ck.meta["accuracy"] = acc
+        ck.save(base)
+    steps["eval"] = time.perf_counter() - t
+
+    # 4. GCP-lambda to the latency target, met on the device, fine-tuned on the training sample
+    t = time.perf_counter()
+    if not done(pruned):
+        _run(["prune", "--checkpoint", str(base), "--data", str(SAMPLE), "--table", str(table), "--method", "gcp",
+              "--objective", "latency", "--target", f"{target:g}", "--steps", "4", "--iters", str(gcp_iters),
+              "--finetune-epochs", str(finetune_epochs), "--finetune-lr", "0.01", *thr,
+              "--chart", str(out / "widths.png"), "--out", str(pruned)])
+    steps["prune"] = time.perf_counter() - t
+
+    # 5. verify: base and pruned interleaved in fresh sessions
+    t = time.perf_counter()
+    bench_json = out / "bench.json"
+    if not done(bench_json) or bench_json.stat().st_mtime < pruned.stat().st_mtime:
+        _run(["bench", "--checkpoint", str(base), "--checkpoint", str(pruned), "--batch", "1", *thr,
+              "--table", str(table), "--compare", f"{pruned.stem}:{base.stem}", "--json", str(bench_json)])
+    steps["bench"] = time.perf_counter() - t
+
+    # 6. report
+    report = out / "report.html"
+    _run(["report", "--bench", str(bench_json), "--checkpoints", str(base), "--checkpoints", str(pruned),
+          "--out", str(report)])
+
+    from .checkpoint import Checkpoint
+
+    bdoc = json.loads(bench_json.read_text())
+    res = {r["model"]: r for r in bdoc["results"]}
+    b, p = res[base.stem], res[pruned.stem]
+    bmeta, pmeta = Checkpoint.load(base).meta, Checkpoint.load(pruned).meta
+    speedup = bdoc["speedups"][0]["speedup"] if bdoc.get("speedups") else b["latency_ms"]["median"] / p["latency_ms"]["median"]
+    summary = {
+        "device": bdoc["device"].get("cpu_model"), "table": str(table), "table_rows": tab.summary()["rows"],
+        "predictor": {k: val.get(k) for k in ("n", "within_5pct", "within_10pct", "rmspe", "spearman")},
+        "base": {"measured_ms": b["latency_ms"]["median"], "predicted_ms": b.get("predicted_ms"),
+                 "throughput_ips": b["throughput_ips"], "top1": (bmeta.get("accuracy") or {}).get("top1"),
+                 "flops": None, "checkpoint": str(base)},
+        "pruned": {"measured_ms": p["latency_ms"]["median"], "predicted_ms": p.get("predicted_ms"),
+                   "throughput_ips": p["throughput_ips"], "top1": (pmeta.get("accuracy") or {}).get("top1"),
+                   "flops": pmeta.get("flops"), "params": pmeta.get("params"), "checkpoint": str(pruned)},
+        "target": target, "measured_speedup": speedup, "report": str(report),
+        "seconds": {**{k: round(v, 1) for k, v in steps.items()}, "total": round(time.perf_counter() - t0, 1)},
+    }
+    tbl = Table(title=f"hwprune quickstart on {summary['device']}")
+    tbl.add_column("")
+    tbl.add_column("base cifar_resnet20", justify="right")
+    tbl.add_column(f"GCP-λ @ {target:g} latency", justify="right")
+    for name, key, fmt in (("measured latency (ms)", "measured_ms", "{:.3f}"), ("predicted latency (ms)", "predicted_ms", "{:.3f}"),
+                           ("throughput (img/s)", "throughput_ips", "{:.0f}"), ("top-1 on the test sample (%)", "top1", "{}")):
+        vals = [summary[m][key] for m in ("base", "pruned")]
+        tbl.add_row(name, *["-" if v is None else fmt.format(v) for v in vals])
+    tbl.add_row("measured speed-up", "1.00x", f"{speedup:.2f}x")
+    console.print()
+    console.print(tbl)
+    pv = summary["predictor"]
+    if pv.get("n"):
+        console.print(f"predictor: {100 * pv['within_10pct']:.0f}% of {pv['n']} fresh configurations within ±10%, "
+                      f"{100 * pv['within_5pct']:.0f}% within ±5%, Spearman {pv['spearman']:.3f}")
+    console.print(f"report: {report} (and {report.with_suffix('.md')}); total {summary['seconds']['total'] / 60:.1f} min")
+    from .io import atomic_write_text
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1, default=str))
