@@ -176,14 +176,32 @@ def _cycle(batches: Batches) -> Iterator:
         yield from batches()
 
 
+HW_STEP = 8  # channels removed at once when probing a staircase-shaped (latency) cost
+
+
 def _channel_costs(space: PruningSpace, cost: CostBase, masks: _Masks) -> dict[str, float]:
-    """Marginal cost of one channel of each group at the current widths, normalised to mean 1."""
-    mc = cost.marginal(masks.widths(), step=1)
-    vals = np.array([max(v, 0.0) for v in mc.values()])
+    """Cost of one channel of each group at the current widths, normalised to mean 1.
+
+    Latency is a staircase: at a full width of 16, removing one channel can make a layer
+    *slower* (it leaves the blocked NCHWc kernel), so the one-channel marginal cost is
+    often zero or negative. Each group's per-channel cost is therefore the larger of the
+    one-channel saving and the per-channel saving of removing ``HW_STEP`` channels; values
+    that stay non-positive get a tenth of the smallest positive cost (all 1 if none is).
+    """
+    widths = masks.widths()
+    m1 = cost.marginal(widths, step=1)
+    mk = cost.marginal(widths, step=HW_STEP)
+    vals = []
+    for gid in m1:
+        w = widths.widths[gid]
+        k = w - max(1, w - HW_STEP)
+        vals.append(max(m1[gid], mk[gid] / k if k > 0 else 0.0))
+    vals = np.array(vals, dtype=np.float64)
     pos = vals[vals > 0]
-    floor = pos.min() * 0.1 if len(pos) else 1.0
-    mean = max(vals.mean(), 1e-12)
-    return {g: max(float(v), floor) / mean for g, v in zip(mc, vals)}
+    if len(pos) == 0:
+        return {g: 1.0 for g in m1}
+    vals = np.maximum(vals, pos.min() * 0.1)
+    return {g: float(v / vals.mean()) for g, v in zip(m1, vals)}
 
 
 def _amp(precision: str) -> torch.dtype | None:

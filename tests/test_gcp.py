@@ -166,3 +166,42 @@ def test_target_is_corrected_until_met_on_the_device():
     widths2, _, log2 = correct_to_measured(space, cost, res.widths, res.keep, res.scores, res.prior, fast,
                                            base_ms, target=0.5, tol=0.03)
     assert cost.fraction(widths2) > res.cost_fraction and log2[-1]["ratio"] <= 0.5
+
+
+class Staircase:
+    """A latency-like cost under which removing one channel from a full group makes it slower."""
+
+    name = "latency"
+
+    def __init__(self, space):
+        self.flops = FlopsCost(space)
+        self.space = space
+        self.full = np.array([g.channels for g in space.groups])
+
+    def total(self, configs):
+        W = self.flops._matrix(configs).astype(float)
+        off_step = (W % 8 != 0).astype(float)  # widths off a multiple of 8 run a slower kernel
+        return (W * (1 + 0.5 * off_step)).sum(axis=1)
+
+    def marginal(self, config, step=1):
+        from hwprune.cost import _Base
+
+        return _Base.marginal(self, config, step)
+
+    def fraction(self, config):
+        return float(self.total([config])[0] / self.total([self.space.full()])[0])
+
+
+def test_channel_costs_survive_a_staircase_where_one_channel_costs_time():
+    from hwprune.gcp import _channel_costs
+
+    space = make_space()
+    cost = Staircase(space)
+    cost.template = FlopsCost(space).template
+    assert all(v < 0 for v in cost.marginal(space.full(), 1).values())  # one channel less is slower
+    masks = _Masks(space.model, space)
+    costs = _channel_costs(space, cost, masks)
+    masks.remove()
+    vals = np.array(list(costs.values()))
+    assert np.all(np.isfinite(vals)) and np.all(vals > 0) and abs(vals.mean() - 1) < 1e-9
+    assert vals.max() < 100  # not the 1e12 that zeroed every mask
