@@ -94,9 +94,9 @@ def width_patterns(a, runs) -> dict[str, list[float]]:
     pats = {}
     for label, target, ck, _ in runs:
         w = Checkpoint.load(ck).widths
-        pats[f"{label} @ {target:g}"] = [w.get(g.id, g.channels) / g.channels for g in space.groups]
+        pats[f"{label} @ {target:g}"] = space.kept_fractions(w)
     w = Checkpoint.load(ckp).widths
-    pats["gcp-p @ 0.5 params"] = [w.get(g.id, g.channels) / g.channels for g in space.groups]
+    pats["gcp-p @ 0.5 params"] = space.kept_fractions(w)
     return pats
 
 

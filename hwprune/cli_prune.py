@@ -82,7 +82,7 @@ def prune(
 
         torch.set_num_threads(threads)
     chw = tuple(spec.input_size)
-    base_ms = _measure(table, {"base": spec.module}, chw)["base"] if (meet is not None and measure) else None
+    base_ms = _measure(pred.settings_, {"base": spec.module}, chw)["base"] if (meet is not None and measure) else None
     correction = None
     import time
 
@@ -90,10 +90,11 @@ def prune(
     if method == "gcp":
         pruned, res = _run_gcp(space, spec.module, cost, target, data, steps, iters, ck, as_json, min_keep)
         if base_ms is not None:
-            pruned = _meet_on_device(space, cost, meet, table, res, base_ms, min_keep)
+            pruned = _meet_on_device(space, cost, meet, pred.settings_, res, base_ms, min_keep)
             correction = res.info["gcp"].pop("gcp_device_correction")
     elif base_ms is not None:
-        res, correction = _meet_baseline(space, method, cost, target, spec.module, table, meet, base_ms, min_keep)
+        res, correction = _meet_baseline(space, method, cost, target, spec.module, pred.settings_, meet, base_ms,
+                                         min_keep)
     else:
         res = prune_widths(space, method, cost, target, model=spec.module, min_keep=min_keep)
     if round_hw:
@@ -120,7 +121,7 @@ def prune(
         meta["base_predicted_ms"] = float(pred.predict(ck.arch, [space.full()])[0])
         meta["table"] = str(table)
         if measure:
-            ms = _measure(table, {"base": spec.module, "pruned": pruned}, tuple(spec.input_size))
+            ms = _measure(pred.settings_, {"base": spec.module, "pruned": pruned}, chw)
             meta.update({"base_measured_ms": ms["base"], "measured_ms": ms["pruned"],
                          "measured_speedup": ms["base"] / ms["pruned"]})
     new = Checkpoint.from_model(ModelSpec(ck.arch, pruned, spec.input_size, spec.num_classes),
@@ -147,7 +148,7 @@ def prune(
     if chart is not None:
         from .report import width_chart
 
-        width_chart({f"{method}-{objective}": _fractions(space, res.widths)}, chart,
+        width_chart({f"{method}-{objective}": space.kept_fractions(res.widths)}, chart,
                     title=f"{ck.arch}: kept channels per group")
     summary = {"checkpoint": str(out), "widths": res.widths.widths,
                **{k: v for k, v in new.meta.items() if k not in ("data", "history", "train")}}
@@ -191,11 +192,7 @@ def _run_gcp(space, model, cost, target, data, steps, iters, ck, quiet, min_keep
                                target=target, method="gcp", info=info)
 
 
-def _fractions(space, widths) -> list[float]:
-    return [widths.widths.get(g.id, g.channels) / g.channels for g in space.groups]
-
-
-def _meet_on_device(space, cost, meet, table, res, base_ms, min_keep):
+def _meet_on_device(space, cost, meet, settings, res, base_ms, min_keep):
     """Measure the GCP result on the table's backend; prune or restore channels until ``meet`` is met."""
     from .gcp import correct_to_measured, materialize
 
@@ -203,7 +200,7 @@ def _meet_on_device(space, cost, meet, table, res, base_ms, min_keep):
     chw = tuple(space.input_shape[1:])
 
     def measure(widths, keep):
-        return _measure(table, {"pruned": materialize(space, r, widths, keep)}, chw, rounds=1)["pruned"]
+        return _measure(settings, {"pruned": materialize(space, r, widths, keep)}, chw, rounds=1)["pruned"]
 
     widths, keep, log = correct_to_measured(space, cost, r.widths, r.keep, r.scores, r.prior, measure, base_ms, meet,
                                             min_keep=min_keep)
@@ -212,53 +209,41 @@ def _meet_on_device(space, cost, meet, table, res, base_ms, min_keep):
     return materialize(space, r, widths, keep)
 
 
-def _meet_baseline(space, method, cost, target, model, table, meet, base_ms, min_keep, rounds: int = 4,
+def _meet_baseline(space, method, cost, target, model, settings, meet, base_ms, min_keep, rounds: int = 4,
                    tol: float = 0.03):
     """Drive a baseline method to ``meet`` of the measured base latency: re-plan its cost target by the
     measured ratio until the measured latency lies in ``[meet - tol, meet]`` (or ``rounds`` run out).
     Keeps the slowest configuration that met the target, else the last one."""
-    from .prune import prune_widths
+    from .prune import MeasuredTarget, prune_widths
 
     chw = tuple(space.input_shape[1:])
-    goal, log, best, res = target, [], None, None
-    lo = hi = None
+    goal, log, steer = target, [], MeasuredTarget(meet, tol)
     for r in range(rounds + 1):
         try:
-            cand = prune_widths(space, method, cost, goal, model=model, min_keep=min_keep)
+            res = prune_widths(space, method, cost, goal, model=model, min_keep=min_keep)
         except HwpruneError as e:  # the re-planned goal fell below the narrowest configuration
             log.append({"round": r, "goal": goal, "error": str(e)})
             break
-        res = cand
-        ms = _measure(table, {"pruned": space.apply(res.widths, keep=res.keep)}, chw, rounds=1)["pruned"]
+        ms = _measure(settings, {"pruned": space.apply(res.widths, keep=res.keep)}, chw, rounds=1)["pruned"]
         ratio = ms / base_ms
         log.append({"round": r, "goal": goal, "measured_ms": ms, "ratio": ratio, "predicted_fraction": res.cost_fraction})
-        if ratio <= meet:
-            lo = res.cost_fraction if lo is None else max(lo, res.cost_fraction)
-            if best is None or ratio > best[0]:
-                best = (ratio, res)
-        else:
-            hi = res.cost_fraction if hi is None else min(hi, res.cost_fraction)
-        if meet - tol <= ratio <= meet:
+        if steer.record(res.cost_fraction, ratio, (r, res)):
             break
-        goal = 0.5 * (lo + hi) if (lo is not None and hi is not None) else min(1.0, res.cost_fraction * meet / ratio)
-    if res is None:
+        goal = min(1.0, steer.next_goal(res.cost_fraction, ratio))
+    if steer.last is None:
         raise HwpruneError(log[-1]["error"])
-    chosen = best[1] if (best and log[-1].get("ratio", 9) > meet) else res
-    for e in log:
-        if e.get("predicted_fraction") == chosen.cost_fraction:
-            e["kept"] = True
-    return chosen, log
+    kept, res = steer.chosen()
+    log[kept]["kept"] = True
+    return res, log
 
 
-def _measure(table, modules: dict, chw: tuple, rounds: int = 3) -> dict[str, float]:
-    """End-to-end latency (ms) of ``modules`` on the table's backend and settings, by the bench harness."""
+def _measure(settings: dict, modules: dict, chw: tuple, rounds: int = 3) -> dict[str, float]:
+    """End-to-end latency (ms) of ``modules`` with a table's backend and ``settings``, by the bench harness."""
     from .bench import BenchModel, bench
-    from .table import LatencyTable
 
-    s = LatencyTable.load(table).settings
     models = [BenchModel(label, module=m.eval(), input_size=chw) for label, m in modules.items()]
-    doc = bench(models, s["backend"], [int(s.get("batch") or 1)], threads=s.get("threads"),
-                device=s.get("device") or "cpu", rounds=rounds)
+    doc = bench(models, settings["backend"], [int(settings.get("batch") or 1)], threads=settings.get("threads"),
+                device=settings.get("device") or "cpu", rounds=rounds)
     failed = [r for r in doc["results"] if r.get("error")]
     if failed:
         raise HwpruneError(f"measuring '{failed[0]['model']}' failed: {failed[0]['error']}")

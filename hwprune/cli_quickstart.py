@@ -77,19 +77,15 @@ def quickstart(
     def done(path: Path) -> bool:
         return path.exists() and not force
 
-    # 1. profile
+    # 1. profile (a table left partial by an interrupted run is resumed)
+    from .table import LatencyTable
+
     t = time.perf_counter()
-    if not done(table):
+    if force or not table.exists() or not LatencyTable.load(table).complete:
         _run(["profile", "--model", "cifar_resnet20", "--configs", str(configs), "--micro", "0", "--out", str(table),
               *thr, "--resume" if table.exists() and not force else "--overwrite"])
     steps["profile"] = time.perf_counter() - t
-    from .table import LatencyTable
-
     tab = LatencyTable.load(table)
-    if not tab.complete:  # an interrupted run: finish it
-        _run(["profile", "--model", "cifar_resnet20", "--configs", str(configs), "--micro", "0", "--out", str(table),
-              *thr, "--resume"])
-        tab = LatencyTable.load(table)
 
     # 2. validate the predictor end to end
     t = time.perf_counter()

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from .cost import _Base as CostBase
 from .errors import HwpruneError
-from .prune import DEFAULT_MIN_KEEP, first_prefix_within
+from .prune import DEFAULT_MIN_KEEP, MeasuredTarget, first_prefix_within
 from .space import PruningSpace, WidthConfig
 
 
@@ -381,8 +381,7 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
         return WidthConfig(space.name, {gid: int(a.sum()) for gid, a in alive.items()})
 
     base_cost = float(cost.total([space.full()])[0])
-    lo = hi = None  # predicted-cost goals known to land under / over the target on the device
-    best = None  # (ratio, alive) of the slowest configuration that met the target
+    steer = MeasuredTarget(target, tol)
     for r in range(rounds + 1):
         cfg = current()
         ms = measure(cfg, {gid: [int(i) for i in np.nonzero(a)[0]] for gid, a in alive.items()})
@@ -390,16 +389,9 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
         frac = float(cost.total([cfg])[0] / base_cost)
         log.append({"round": r, "measured_ms": ms, "ratio": ratio, "predicted_fraction": frac,
                     "widths": dict(cfg.widths)})
-        if ratio <= target:
-            lo = frac if lo is None else max(lo, frac)
-            if best is None or ratio > best[0]:
-                best = (ratio, {gid: a.copy() for gid, a in alive.items()})
-        else:
-            hi = frac if hi is None else min(hi, frac)
-        if target - tol <= ratio <= target or r == rounds:
+        if steer.record(frac, ratio, (r, {gid: a.copy() for gid, a in alive.items()})) or r == rounds:
             break
-        # latency is a staircase, not a line: bisect once the target is bracketed, else scale by the miss
-        goal = 0.5 * (lo + hi) if (lo is not None and hi is not None) else frac * target / ratio
+        goal = steer.next_goal(frac, ratio)
         if goal < frac:  # too slow: prune the least important live channels
             cands = sorted((float(scores[g.id][i]), gi, int(i)) for gi, g in enumerate(space.groups)
                            for i in np.nonzero(alive[g.id])[0])
@@ -419,10 +411,7 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
                 if cost.total([current()])[0] / base_cost > goal:
                     alive[g.id][i] = False
                     break
-    kept = len(log) - 1
-    if best is not None and log[-1]["ratio"] > target:  # the last try missed: keep the best one that met it
-        alive = best[1]
-        kept = next(e["round"] for e in log if e["ratio"] == best[0])
+    kept, alive = steer.chosen()
     log[kept]["kept"] = True
     cfg = current()
     return cfg, {gid: [int(i) for i in np.nonzero(a)[0]] for gid, a in alive.items()}, log

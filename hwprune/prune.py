@@ -133,6 +133,41 @@ def round_to_staircase(space: PruningSpace, latency: CostBase, widths: WidthConf
     return WidthConfig(space.name, cur)
 
 
+class MeasuredTarget:
+    """Steers a predicted-cost goal until a measured latency ratio lands in ``[target - tol, target]``.
+
+    Latency is a staircase, not a line: the next goal scales the last one by the miss until one
+    goal has landed under and one over the target, then bisects between them. Of all tries, the
+    slowest one that met the target is kept (else the last one).
+    """
+
+    def __init__(self, target: float, tol: float = 0.03):
+        self.target, self.tol = target, tol
+        self.lo: float | None = None  # largest predicted fraction measured under the target
+        self.hi: float | None = None  # smallest predicted fraction measured over it
+        self.best: tuple[float, object] | None = None  # (ratio, state) of the slowest try that met it
+        self.last: object = None
+
+    def record(self, fraction: float, ratio: float, state: object) -> bool:
+        """Record one measured try; True when it met the target within the tolerance."""
+        self.last = state
+        if ratio <= self.target:
+            self.lo = fraction if self.lo is None else max(self.lo, fraction)
+            if self.best is None or ratio > self.best[0]:
+                self.best = (ratio, state)
+        else:
+            self.hi = fraction if self.hi is None else min(self.hi, fraction)
+        return self.target - self.tol <= ratio <= self.target
+
+    def next_goal(self, fraction: float, ratio: float) -> float:
+        if self.lo is not None and self.hi is not None:
+            return 0.5 * (self.lo + self.hi)
+        return fraction * self.target / ratio
+
+    def chosen(self) -> object:
+        return self.best[1] if self.best is not None else self.last
+
+
 def prune_widths(space: PruningSpace, method: str, cost: CostBase, target: float, model: nn.Module | None = None,
                  criterion: str | None = None, min_keep: float = DEFAULT_MIN_KEEP) -> PruneResult:
     """A baseline method's width configuration and surviving channels for ``target``."""

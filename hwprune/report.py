@@ -134,7 +134,7 @@ def _checkpoint_rows(paths: Sequence[Path]) -> list[dict]:
                                                                      "measured_ms", "cost_fraction", "parent")}}
         if ck.widths:
             space = PruningSpace.from_name(ck.arch)
-            row["fractions"] = [ck.widths.get(g.id, g.channels) / g.channels for g in space.groups]
+            row["fractions"] = space.kept_fractions(ck.widths)
         rows.append(row)
     return rows
 

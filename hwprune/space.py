@@ -174,6 +174,11 @@ class PruningSpace:
     def full(self) -> WidthConfig:
         return WidthConfig(self.name, {g.id: g.channels for g in self.groups})
 
+    def kept_fractions(self, widths: WidthConfig | Mapping[str, int]) -> list[float]:
+        """Kept fraction of every group's channels, in network order (missing groups: unpruned)."""
+        w = widths.widths if isinstance(widths, WidthConfig) else widths
+        return [w.get(g.id, g.channels) / g.channels for g in self.groups]
+
     def uniform(self, fraction: float, multiple: int = 1) -> WidthConfig:
         w = {}
         for g in self.groups:
