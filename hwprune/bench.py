@@ -5,12 +5,17 @@ per batch size in *fresh* sessions, models interleaved A B A B ... so that drift
 other tenants) hits them alike; each measurement warms up by time and runs at least the
 minimum iterations and duration; set-up and first-run times are reported apart. The
 reported latency is the median of the per-round medians; its spread across rounds is the
-between-session CoV. A backend failure on one model is recorded in the results and the
+between-session CoV. Beside it, ``fastest_round`` is the lowest per-round median: on a shared
+host whose other tenants add a fixed delay for seconds at a time (this project's 2-core VM
+runs a tiny model at 0.23 ms or 0.37 ms for stretches of 5-10 s, benchmarks/results/bench_stability.md),
+the fastest of many short rounds is the estimator that tracks the device rather than its
+neighbours (timeit's argument for the minimum), and speed-ups between such values are steady. A backend failure on one model is recorded in the results and the
 others go on.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -186,6 +191,7 @@ def bench(models: Sequence[BenchModel], backend: str = "onnxruntime", batches: S
         lat = _summary(samples, cfg.cov_threshold)
         lat["median"] = float(np.median(meds))
         lat["between_session_cov"] = float(meds.std(ddof=1) / meds.mean()) if len(meds) > 1 else 0.0
+        lat["fastest_round"] = float(meds.min())
         res.latency_ms = lat
         res.throughput_ips = 1000.0 * res.batch / lat["median"]
         res.setup_ms = float(np.median([rd["setup_ms"] for rd in res.rounds]))
@@ -209,6 +215,97 @@ def speedups(doc: dict, pairs: Sequence[tuple[str, str]]) -> list[dict]:
             if not ra or not rb:
                 continue
             ratios = [x["median"] / y["median"] for x, y in zip(rb["rounds"], ra["rounds"])]
+            fa, fb = ra["latency_ms"].get("fastest_round"), rb["latency_ms"].get("fastest_round")
             out.append({"model": a, "baseline": b, "batch": batch, "speedup": float(np.median(ratios)),
-                        "per_round": ratios})
+                        "speedup_fastest": float(fb / fa) if fa and fb else None, "per_round": ratios})
     return out
+
+
+@dataclass
+class GatedLatency:
+    """A gated measurement: each model's latency relative to the reference, in the host's fast state."""
+
+    ratios: dict[str, float]  # model / reference, median over the gated rounds
+    ms: dict[str, float]  # each model's median over the gated rounds
+    reference_ms: float  # the reference's median over the gated rounds
+    rounds: int  # rounds run
+    gated_rounds: int  # rounds whose reference was within the gate of the fastest reference seen
+    settled: bool  # False: max_rounds ran out before ``need`` gated rounds (the host stayed slow)
+
+
+class GatedMeter:
+    """End-to-end latency of candidate models, paired with a reference model and gated on the host's state.
+
+    Other tenants of a shared host (this project's 2-vCPU VM) take one of its cores for seconds
+    to minutes at a time; while they do, a 2-thread ONNX Runtime session runs at 1-thread speed,
+    which adds a fixed delay per inference and squeezes speed-ups (measured here: a pruned
+    cifar_resnet20 at 2.13x in the fast state and 1.27x in the slow one). So every round times
+    the reference (the unpruned model) and then each candidate, each in a fresh session and
+    for a short window, and only rounds whose reference ran within ``gate`` of the fastest
+    reference this meter has seen count. Rounds repeat until ``need`` of them count or
+    ``max_rounds`` ran; the result is the median over the counted rounds of each candidate's
+    ratio to the reference in the same round; at least ``min_rounds`` run, so that a call that
+    starts in the slow state has a few seconds to see the fast one. The meter keeps the fastest reference across
+    calls, so measurements taken minutes apart (a device correction loop) stay comparable.
+    """
+
+    def __init__(self, reference, backend: str = "onnxruntime", batch: int = 1, threads: int | None = None,
+                 device: str = "cpu", measure: MeasureConfig | None = None, gate: float = 1.05, need: int = 3,
+                 max_rounds: int = 30, min_rounds: int = 4):
+        from .export import export_onnx
+
+        self.be = create_backend(backend, threads=threads, device=device,
+                                 measure=measure or MeasureConfig(warmup_s=0.1, min_time_s=0.3, retries=0))
+        self.batch, self.gate, self.need, self.max_rounds = batch, gate, need, max_rounds
+        self.min_rounds = min(min_rounds, max_rounds)
+        self._dir = tempfile.TemporaryDirectory(prefix="hwprune-meter-")
+        self._n = 0
+        self.input_size = tuple(reference.input_size)
+        self.ref = self._artifact(reference.module, export_onnx)
+        self.best_ref = math.inf
+
+    def _artifact(self, module, export_onnx) -> ModelArtifact:
+        shape = (self.batch, *self.input_size)
+        art = ModelArtifact(shape, module=module.eval(), name=f"m{self._n}")
+        if self.be.needs_onnx():
+            art.onnx_path = export_onnx(module, shape, Path(self._dir.name) / f"m{self._n}.onnx")
+        self._n += 1
+        return art
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def __enter__(self) -> "GatedMeter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, modules: dict) -> GatedLatency:
+        """``modules``: label -> nn.Module (same input size as the reference)."""
+        from .export import export_onnx
+
+        arts = {label: self._artifact(m, export_onnx) for label, m in modules.items()}
+        refs: list[float] = []
+        meds: dict[str, list[float]] = {label: [] for label in arts}
+        good: list[int] = []
+        for r in range(self.max_rounds):
+            refs.append(self.be.measure_e2e(self.ref).stats.median)
+            for label, art in arts.items():
+                meds[label].append(self.be.measure_e2e(art).stats.median)
+            self.best_ref = min(self.best_ref, refs[-1])
+            good = [i for i, x in enumerate(refs) if x <= self.gate * self.best_ref]
+            if len(good) >= self.need and len(refs) >= self.min_rounds:
+                break
+        settled = len(good) >= self.need
+        if not good:  # the fastest reference was seen in an earlier call: use this call's fastest rounds
+            cut = self.gate * min(refs)
+            good = [i for i, x in enumerate(refs) if x <= cut]
+        for art in arts.values():
+            if art.onnx_path is not None:
+                Path(art.onnx_path).unlink(missing_ok=True)
+        return GatedLatency(
+            ratios={label: float(np.median([v[i] / refs[i] for i in good])) for label, v in meds.items()},
+            ms={label: float(np.median([v[i] for i in good])) for label, v in meds.items()},
+            reference_ms=float(np.median([refs[i] for i in good])), rounds=len(refs), gated_rounds=len(good),
+            settled=settled)

@@ -38,6 +38,10 @@ def bench(
     compare: List[str] = typer.Option([], "--compare", help="A:B pairs: speed-up of A over B."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results JSON here."),
     quick: bool = typer.Option(False, "--quick", help="Short measurements (smoke tests)."),
+    min_time: Optional[float] = typer.Option(
+        None, "--min-time", min=0.01,
+        help="Seconds timed per model and round (default 1.0). Many short rounds (e.g. --rounds 15 --min-time 0.3) "
+             "make the fastest-round estimator steady on a shared host."),
 ) -> None:
     """Measure end-to-end latency and throughput of models, interleaved, in fresh sessions."""
     from rich.table import Table
@@ -63,7 +67,11 @@ def bench(
         from .table import LatencyTable
 
         predictor = LatencyPredictor().fit(LatencyTable.load(table))
+    if quick and min_time is not None:
+        raise HwpruneError("give --quick or --min-time, not both")
     measure = MeasureConfig.quick() if quick else None
+    if min_time is not None:
+        measure = MeasureConfig(warmup_s=min(0.2, min_time / 2), min_time_s=min_time)
     with item_progress(f"bench on {backend}") as update:
         doc = run_bench(models, backend, _batches(batch), threads=threads, device=device, rounds=rounds,
                         measure=measure, predictor=predictor, progress=update)
@@ -77,17 +85,20 @@ def bench(
     doc["command"] = __import__("hwprune.table", fromlist=["command_line"]).command_line()
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(doc, indent=1, default=str) + "\n")
-    t = Table("model", "batch", "median ms", "p90 ms", "CoV", "img/s", "predicted ms", "status")
+    t = Table("model", "batch", "median ms", "fastest round ms", "p90 ms", "CoV", "img/s", "predicted ms", "status")
     for r in doc["results"]:
         lat = r.get("latency_ms") or {}
         t.add_row(r["model"], str(r["batch"]), f"{lat.get('median', float('nan')):.3f}",
+                  f"{lat.get('fastest_round', float('nan')):.3f}",
                   f"{lat.get('p90', float('nan')):.3f}", f"{100 * lat.get('between_session_cov', 0):.1f}%",
                   f"{r.get('throughput_ips', 0):.1f}",
                   f"{r['predicted_ms']:.3f}" if r.get("predicted_ms") else "-",
                   "[red]failed: " + r["error"] + "[/]" if r.get("error") else "ok")
     console.print(t)
     for s in doc["speedups"]:
-        console.print(f"{s['model']} vs {s['baseline']} (batch {s['batch']}): {s['speedup']:.2f}x")
+        fast = f", {s['speedup_fastest']:.2f}x between fastest rounds" if s.get("speedup_fastest") else ""
+        console.print(f"{s['model']} vs {s['baseline']} (batch {s['batch']}): {s['speedup']:.2f}x "
+                      f"(median of per-round ratios{fast})")
     if json_out is not None:
         console.print(f"wrote {json_out}")
     if any(r.get("error") for r in doc["results"]):

@@ -37,6 +37,9 @@ def prune(
     round_hw: bool = typer.Option(False, "--round-hw", help="Round widths to the device's latency staircase."),
     steps: int = typer.Option(4, "--steps", min=1, help="GCP: regularise/prune/recover rounds (T)."),
     iters: Optional[int] = typer.Option(None, "--iters", min=1, help="GCP: iterations per phase (default: an epoch)."),
+    recover: str = typer.Option("all", "--recover",
+                                help="GCP recover step: all (every weight trains) or paper (masks, BN shifts, "
+                                     "classifier)."),
     measure: bool = typer.Option(True, "--measure/--no-measure",
                                  help="Measure base and pruned model end to end on the table's backend."),
     latency_target: Optional[float] = typer.Option(
@@ -63,6 +66,8 @@ def prune(
 
     if out.resolve() == checkpoint.resolve():
         raise HwpruneError("--out must differ from --checkpoint: the base checkpoint is never overwritten")
+    if recover not in ("all", "paper"):
+        raise HwpruneError(f"unknown --recover '{recover}'", "choose all or paper")
     check_writable(out)
     ck = Checkpoint.load(checkpoint)
     if ck.widths:
@@ -82,19 +87,24 @@ def prune(
 
         torch.set_num_threads(threads)
     chw = tuple(spec.input_size)
-    base_ms = _measure(pred.settings_, {"base": spec.module}, chw)["base"] if (meet is not None and measure) else None
+    meter = _meter(pred.settings_, spec.module, chw) if (pred is not None and measure) else None
+    base_ms = meter({}).reference_ms if (meet is not None and meter is not None) else None
     correction = None
     import time
 
     t0 = time.perf_counter()
     if method == "gcp":
-        pruned, res = _run_gcp(space, spec.module, cost, target, data, steps, iters, ck, as_json, min_keep)
+        goal, calibration = target, None
+        if base_ms is not None:  # aim GCP's schedule at the cost fraction that measures as the target
+            goal, calibration = _calibrate_goal(space, cost, target, spec.module, meter, meet, base_ms, min_keep)
+        pruned, res = _run_gcp(space, spec.module, cost, goal, data, steps, iters, ck, as_json, min_keep, recover)
+        if calibration is not None:
+            res.info["gcp"].update({"gcp_goal": goal, "gcp_calibration": calibration})
         if base_ms is not None:
-            pruned = _meet_on_device(space, cost, meet, pred.settings_, res, base_ms, min_keep)
+            pruned = _meet_on_device(space, cost, meet, meter, res, base_ms, min_keep)
             correction = res.info["gcp"].pop("gcp_device_correction")
     elif base_ms is not None:
-        res, correction = _meet_baseline(space, method, cost, target, spec.module, pred.settings_, meet, base_ms,
-                                         min_keep)
+        res, correction = _meet_baseline(space, method, cost, target, spec.module, meter, meet, base_ms, min_keep)
     else:
         res = prune_widths(space, method, cost, target, model=spec.module, min_keep=min_keep)
     if round_hw:
@@ -120,10 +130,13 @@ def prune(
         meta["predicted_ms"] = float(pred.predict(ck.arch, [res.widths])[0])
         meta["base_predicted_ms"] = float(pred.predict(ck.arch, [space.full()])[0])
         meta["table"] = str(table)
-        if measure:
-            ms = _measure(pred.settings_, {"base": spec.module, "pruned": pruned}, chw)
-            meta.update({"base_measured_ms": ms["base"], "measured_ms": ms["pruned"],
-                         "measured_speedup": ms["base"] / ms["pruned"]})
+        if meter is not None:
+            g = meter({"pruned": pruned})
+            meter.close()
+            meta.update({"base_measured_ms": g.reference_ms, "measured_ms": g.ms["pruned"],
+                         "measured_speedup": 1.0 / g.ratios["pruned"],
+                         "measured_rounds": {"rounds": g.rounds, "gated": g.gated_rounds, "settled": g.settled},
+                         "measured_estimator": _ESTIMATOR})
     new = Checkpoint.from_model(ModelSpec(ck.arch, pruned, spec.input_size, spec.num_classes),
                                 widths=res.widths.widths, meta=meta)
     if data is not None:
@@ -159,7 +172,7 @@ def prune(
                       f"(target {100 * target:.1f}%) -> {out}")
 
 
-def _run_gcp(space, model, cost, target, data, steps, iters, ck, quiet, min_keep):
+def _run_gcp(space, model, cost, target, data, steps, iters, ck, quiet, min_keep, recover="all"):
     """GCP on the checkpoint's training data, with a held-out split for choosing lambda and lr."""
     from .data import BatchLoader, holdout_split, load_splits
     from .gcp import GCPConfig, gcp
@@ -183,8 +196,9 @@ def _run_gcp(space, model, cost, target, data, steps, iters, ck, quiet, min_keep
     held_loader = BatchLoader(held, 256)
     with item_progress("GCP", enabled=not quiet) as update:
         pruned, r = gcp(model, space, cost, train_batches, lambda: iter(held_loader),
-                        GCPConfig(target=target, steps=steps, iters_per_phase=iters, min_keep=min_keep), progress=update)
-    info = {"criterion": "bn", "gcp": {"gcp_lambda": r.lam, "gcp_lr": r.lr, "gcp_steps": steps,
+                        GCPConfig(target=target, steps=steps, iters_per_phase=iters, min_keep=min_keep,
+                                  recover=recover), progress=update)
+    info = {"criterion": "bn", "gcp": {"gcp_lambda": r.lam, "gcp_lr": r.lr, "gcp_steps": steps, "gcp_recover": recover,
                                        "gcp_history": r.history, "gcp_search": r.search,
                                        "gcp_seconds": r.seconds}}
     info["gcp_result"] = r
@@ -192,15 +206,14 @@ def _run_gcp(space, model, cost, target, data, steps, iters, ck, quiet, min_keep
                                target=target, method="gcp", info=info)
 
 
-def _meet_on_device(space, cost, meet, settings, res, base_ms, min_keep):
+def _meet_on_device(space, cost, meet, meter, res, base_ms, min_keep):
     """Measure the GCP result on the table's backend; prune or restore channels until ``meet`` is met."""
     from .gcp import correct_to_measured, materialize
 
     r = res.info.pop("gcp_result")
-    chw = tuple(space.input_shape[1:])
 
     def measure(widths, keep):
-        return _measure(settings, {"pruned": materialize(space, r, widths, keep)}, chw, rounds=1)["pruned"]
+        return base_ms * meter({"pruned": materialize(space, r, widths, keep)}).ratios["pruned"]
 
     widths, keep, log = correct_to_measured(space, cost, r.widths, r.keep, r.scores, r.prior, measure, base_ms, meet,
                                             min_keep=min_keep)
@@ -209,14 +222,29 @@ def _meet_on_device(space, cost, meet, settings, res, base_ms, min_keep):
     return materialize(space, r, widths, keep)
 
 
-def _meet_baseline(space, method, cost, target, model, settings, meet, base_ms, min_keep, rounds: int = 4,
+def _calibrate_goal(space, cost, target, model, meter, meet, base_ms, min_keep) -> tuple[float, list[dict]]:
+    """The objective's cost fraction at which uniform pruning measures ``meet`` of the base latency.
+
+    The predictor's cost fraction and the measured latency ratio differ (fixed per-run overhead,
+    staircases), so GCP aimed at ``target`` in prediction would land far from the target on the
+    device and the correction would have to prune or restore many channels. Two or three
+    measured uniform configurations find the goal GCP's schedule should aim at instead.
+    """
+    try:
+        res, log = _meet_baseline(space, "uniform", cost, target, model, meter, meet, base_ms, min_keep, rounds=2,
+                                  tol=0.05)
+    except HwpruneError as e:
+        return target, [{"error": str(e)}]
+    return float(min(0.99, max(res.cost_fraction, 1e-3))), log
+
+
+def _meet_baseline(space, method, cost, target, model, meter, meet, base_ms, min_keep, rounds: int = 4,
                    tol: float = 0.03):
     """Drive a baseline method to ``meet`` of the measured base latency: re-plan its cost target by the
     measured ratio until the measured latency lies in ``[meet - tol, meet]`` (or ``rounds`` run out).
     Keeps the slowest configuration that met the target, else the last one."""
     from .prune import MeasuredTarget, prune_widths
 
-    chw = tuple(space.input_shape[1:])
     goal, log, steer = target, [], MeasuredTarget(meet, tol)
     for r in range(rounds + 1):
         try:
@@ -224,7 +252,7 @@ def _meet_baseline(space, method, cost, target, model, settings, meet, base_ms, 
         except HwpruneError as e:  # the re-planned goal fell below the narrowest configuration
             log.append({"round": r, "goal": goal, "error": str(e)})
             break
-        ms = _measure(settings, {"pruned": space.apply(res.widths, keep=res.keep)}, chw, rounds=1)["pruned"]
+        ms = base_ms * meter({"pruned": space.apply(res.widths, keep=res.keep)}).ratios["pruned"]
         ratio = ms / base_ms
         log.append({"round": r, "goal": goal, "measured_ms": ms, "ratio": ratio, "predicted_fraction": res.cost_fraction})
         if steer.record(res.cost_fraction, ratio, (r, res)):
@@ -237,17 +265,17 @@ def _meet_baseline(space, method, cost, target, model, settings, meet, base_ms, 
     return res, log
 
 
-def _measure(settings: dict, modules: dict, chw: tuple, rounds: int = 3) -> dict[str, float]:
-    """End-to-end latency (ms) of ``modules`` with a table's backend and ``settings``, by the bench harness."""
-    from .bench import BenchModel, bench
+_ESTIMATOR = ("paired with the unpruned model in rounds of 0.3 s (fresh sessions), counting only rounds whose "
+              "reference ran within 5% of the fastest seen (hwprune.bench.GatedMeter)")
 
-    models = [BenchModel(label, module=m.eval(), input_size=chw) for label, m in modules.items()]
-    doc = bench(models, settings["backend"], [int(settings.get("batch") or 1)], threads=settings.get("threads"),
-                device=settings.get("device") or "cpu", rounds=rounds)
-    failed = [r for r in doc["results"] if r.get("error")]
-    if failed:
-        raise HwpruneError(f"measuring '{failed[0]['model']}' failed: {failed[0]['error']}")
-    return {r["model"]: r["latency_ms"]["median"] for r in doc["results"]}
+
+def _meter(settings: dict, base, chw: tuple):
+    """A :class:`hwprune.bench.GatedMeter` on the table's backend and settings, the unpruned model as reference."""
+    from .bench import BenchModel, GatedMeter
+
+    return GatedMeter(BenchModel("base", module=base, input_size=chw), settings["backend"],
+                      int(settings.get("batch") or 1), threads=settings.get("threads"),
+                      device=settings.get("device") or "cpu")
 
 
 @app.command()

@@ -15,8 +15,12 @@ The algorithm, as the paper defines it:
   ``lr * lambda * c_i * g_i``).
 * **Prune step**: rank the live channels by ``s_i``, remove the least important until the
   cost falls by ``(1 - alpha) / T`` of the original cost.
-* **Recover step** (eq. 7): the same parameters, no regulariser, BN in training mode
-  (mini-batch statistics, refreshing the running statistics).
+* **Recover step** (eq. 7): no regulariser, BN in training mode (mini-batch statistics,
+  refreshing the running statistics). The paper trains the same parameters as in the
+  regularised step (``recover="paper"``). The default, ``recover="all"``, also trains the
+  convolution weights: on CIFAR-size networks at latency targets that remove most channels,
+  the masks, shifts and classifier alone left the held-out loss above 2 after the first step,
+  and the BN-scale ranking of the next step was then made on a broken network.
 * Repeat ``T`` times, re-evaluating the marginal costs at the current widths after every
   prune step: latency is not additive per channel (staircases, fusions), so the cost of a
   channel changes as its neighbours go.
@@ -58,6 +62,7 @@ class GCPConfig:
     min_keep: float = DEFAULT_MIN_KEEP  # every group keeps at least this fraction of its channels
     momentum: float = 0.9
     seed: int = 0
+    recover: str = "all"  # "all": the recover step trains every weight; "paper": masks, BN shifts, classifier
     precision: str = "auto"  # "auto": bf16 autocast and channels_last where the CPU/GPU runs them fast; "fp32"
 
 
@@ -161,6 +166,18 @@ def _trainables(model: nn.Module, masks: _Masks) -> list[nn.Parameter]:
             p.requires_grad_(True)
             params.append(p)
     return params
+
+
+def _recover_trainables(model: nn.Module, masks: _Masks, mode: str) -> list[nn.Parameter]:
+    """The recover step's parameters: the regularised step's (``"paper"``) or every weight (``"all"``)."""
+    params = _trainables(model, masks)
+    if mode == "paper":
+        return params
+    if mode != "all":
+        raise HwpruneError(f"unknown GCP recover mode '{mode}' (choose all or paper)")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return list(masks.params.values()) + list(model.parameters())
 
 
 def _set_bn_mode(model: nn.Module, train_stats: bool) -> None:
@@ -277,7 +294,7 @@ def _prune_to(space: PruningSpace, cost: CostBase, masks: _Masks, fraction: floa
 def _run(model: nn.Module, space: PruningSpace, cost: CostBase, cfg: GCPConfig, train: Batches,
          lam: float, lr: float, iters: int, steps: int, progress=None) -> tuple[_Masks, list[dict]]:
     masks = _Masks(model, space)
-    params = _trainables(model, masks)
+    _recover_trainables(model, masks, cfg.recover)  # reject a bad mode before any work
     amp = _amp(cfg.precision)
     if amp is not None:
         model.to(memory_format=torch.channels_last)
@@ -287,11 +304,12 @@ def _run(model: nn.Module, space: PruningSpace, cost: CostBase, cfg: GCPConfig, 
     try:
         for t in range(1, steps + 1):
             costs = _channel_costs(space, cost, masks)
+            params = _trainables(model, masks)  # convolutions frozen
             reg = _phase(model, masks, params, it, iters, lr, cfg.momentum, lam=lam, costs=costs, train_stats=False,
                          amp=amp)
             goal = 1.0 - t * (1.0 - cfg.target) / steps
             _prune_to(space, cost, masks, goal, cfg.min_keep, base)
-            rec = _phase(model, masks, params, it, iters, lr, cfg.momentum, train_stats=True, amp=amp)
+            rec = _phase(model, masks, _recover_trainables(model, masks, cfg.recover), it, iters, lr, cfg.momentum, train_stats=True, amp=amp)
             frac = float(cost.total([masks.widths()])[0] / base)
             history.append({"step": t, "goal": goal, "cost_fraction": frac, "reg_loss": reg, "recover_loss": rec,
                             "widths": dict(masks.widths().widths)})
@@ -353,7 +371,10 @@ def gcp(model: nn.Module, space: PruningSpace, cost: CostBase, train: Batches, h
 def materialize(space: PruningSpace, res: GCPResult, widths: WidthConfig, keep: dict[str, list[int]]) -> nn.Module:
     """The physically smaller model for ``widths``/``keep`` from GCP's trained masks and shifts."""
     pruned = space.apply(widths, model=res.trained, keep=keep)
-    fold_masks(space, res.mask_values, pruned, keep)
+    # channels the device correction gave back were pruned (mask 0) during GCP: they return with a mask of 1,
+    # i.e. with the BN scale and shift they had when they were pruned, not as dead channels
+    values = {gid: torch.where(m == 0, torch.ones_like(m), m) for gid, m in res.mask_values.items()}
+    fold_masks(space, values, pruned, keep)
     return pruned.eval()
 
 

@@ -44,6 +44,7 @@ def test_schema(doc):
         assert {"median", "p90", "p99", "mean", "std", "cov"} <= set(lat)
         assert r["throughput_ips"] == pytest.approx(1000 * r["batch"] / lat["median"])
         assert len(r["rounds"]) == 2 and r["setup_ms"] > 0 and r["first_run_ms"] > 0
+        assert lat["fastest_round"] == min(x["median"] for x in r["rounds"]) <= lat["median"]
 
 
 def test_failure_is_marked_and_the_others_go_on(doc):
@@ -62,6 +63,9 @@ def test_runs_are_interleaved(doc):
 def test_speedups_pair_by_pair(doc):
     s = speedups(doc, [("half", "full")])
     assert len(s) == 2 and all(x["speedup"] > 1.0 for x in s)  # half the channels runs faster
+    by = {(r["model"], r["batch"]): r["latency_ms"]["fastest_round"] for r in doc["results"] if r.get("rounds")}
+    for x in s:
+        assert x["speedup_fastest"] == pytest.approx(by[("full", x["batch"])] / by[("half", x["batch"])])
 
 
 def test_onnx_inputs(tmp_path):
@@ -123,5 +127,53 @@ def test_cli_bench_json(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     assert d["results"][0]["model"] == "cifar_resnet20" and d["results"][0]["latency_ms"]["median"] > 0
+    assert d["results"][0]["latency_ms"]["fastest_round"] > 0
+    r = run_cli("bench", "--model", "cifar_resnet20", "--quick", "--min-time", "0.1")
+    assert r.returncode == 2 and "not both" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("bench", "--onnx", str(tmp_path / "nope.onnx"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gated_meter_counts_only_rounds_in_the_fast_state(monkeypatch):
+    """Scripted host: the reference runs slow (a neighbour took a core) for three rounds, then fast."""
+    from types import SimpleNamespace
+
+    import hwprune.bench as hb
+
+    script = iter([  # (reference, candidate) per round: slow rounds squeeze the ratio to 0.8
+        (1.0, 0.8), (1.0, 0.8), (1.0, 0.8), (0.6, 0.3), (0.61, 0.305), (0.6, 0.3), (1.0, 0.8)])
+    state = {}
+
+    class Fake:
+        def needs_onnx(self):
+            return False
+
+        def measure_e2e(self, art):
+            if art.name == "m0":  # the reference is timed first in every round
+                state["pair"] = next(script)
+                v = state["pair"][0]
+            else:
+                v = state["pair"][1]
+            return SimpleNamespace(stats=SimpleNamespace(median=v))
+
+    monkeypatch.setattr(hb, "create_backend", lambda *a, **k: Fake())
+    space = PruningSpace.from_name("cifar_resnet20", input_size=16)
+    ref = BenchModel("base", module=space.model, input_size=(3, 16, 16))
+    meter = hb.GatedMeter(ref, need=3, max_rounds=10)
+    g = meter({"half": space.apply(space.uniform(0.5))})
+    assert g.rounds == 6 and g.gated_rounds == 3 and g.settled
+    assert g.ratios["half"] == pytest.approx(0.5)  # the slow rounds' 0.8 never counts
+    assert g.reference_ms == pytest.approx(0.6)
+    meter.close()
+
+
+def test_gated_meter_on_onnxruntime():
+    space = PruningSpace.from_name("cifar_resnet20", input_size=16)
+    from hwprune.bench import GatedMeter
+
+    with GatedMeter(BenchModel("base", module=space.model, input_size=(3, 16, 16)), threads=1, measure=QUICK,
+                    need=2, max_rounds=6) as meter:
+        g = meter({"full": space.model, "quarter": space.apply(space.uniform(0.25))})
+    assert 1 <= g.gated_rounds <= g.rounds <= 6 and g.reference_ms > 0
+    assert g.ratios["quarter"] < g.ratios["full"]  # a quarter of the channels runs faster than the same model
+    assert 0.5 < g.ratios["full"] < 2.0  # the reference against itself

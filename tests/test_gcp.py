@@ -205,3 +205,40 @@ def test_channel_costs_survive_a_staircase_where_one_channel_costs_time():
     vals = np.array(list(costs.values()))
     assert np.all(np.isfinite(vals)) and np.all(vals > 0) and abs(vals.mean() - 1) < 1e-9
     assert vals.max() < 100  # not the 1e12 that zeroed every mask
+
+
+def test_recover_modes_train_the_convolutions_only_when_asked():
+    import pytest
+
+    from hwprune.errors import HwpruneError
+
+    space = make_space()
+    before = {n: p.detach().clone() for n, p in space.model.named_parameters() if p.dim() == 4}
+    changed = {}
+    for mode in ("paper", "all"):
+        _, res = gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+                     GCPConfig(target=0.6, recover=mode, **FAST))
+        after = dict(res.trained.named_parameters())
+        changed[mode] = sum(not torch.equal(before[n], after[n].detach()) for n in before)
+    assert changed["paper"] == 0  # the paper's recover step: masks, BN shifts and classifier only
+    assert changed["all"] == len(before)  # every convolution trained
+    with pytest.raises(HwpruneError, match="recover mode"):
+        gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+            GCPConfig(target=0.6, recover="most", **FAST))
+
+
+def test_channels_given_back_by_the_correction_are_not_dead():
+    from hwprune.gcp import materialize
+
+    space = make_space()
+    _, res = gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+                 GCPConfig(target=0.5, **FAST))
+    full = space.full()
+    everything = {g.id: list(range(g.channels)) for g in space.groups}
+    restored = materialize(space, res, full, everything)
+    mods = dict(restored.named_modules())
+    for g in space.groups:
+        pruned_idx = [i for i in range(g.channels) if i not in set(res.keep[g.id])]
+        for n in g.norms:
+            w = mods[n].weight.detach()[pruned_idx]
+            assert bool((w != 0).all()), f"{n}: a restored channel came back with a zero BN scale"

@@ -196,6 +196,9 @@ def test_cli_prune_and_export(tmp_path):
     assert Checkpoint.load(out).meta["target"] == 0.5
     r = run_cli("prune", "--checkpoint", str(base), "--objective", "latency", "--target", "0.5", "--out", str(out))
     assert r.returncode == 2 and "needs a latency table" in r.stderr
+    r = run_cli("prune", "--checkpoint", str(base), "--method", "gcp", "--recover", "most", "--target", "0.5",
+                "--out", str(out))
+    assert r.returncode == 2 and "--recover 'most'" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("prune", "--checkpoint", str(out), "--target", "0.5", "--out", str(tmp_path / "x.pt"))
     assert r.returncode == 2 and "already pruned" in r.stderr
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
