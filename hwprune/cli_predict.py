@@ -77,6 +77,10 @@ def validate(table: Path = typer.Option(..., "--table"),
              seed: int = typer.Option(0, "--seed"),
              rounds: int = typer.Option(2, "--rounds", min=1, help="Fresh sessions per configuration."),
              plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (default: beside the table)."),
+             gate: Optional[float] = typer.Option(
+                 None, "--gate", min=0.0, max=0.99,
+                 help="Shared hosts: time the unpruned model before every session and count only sessions "
+                      "within this fraction of its fastest timing (e.g. 0.05)."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Measure random pruned models end to end and compare them with the predictions."""
     from .progress import item_progress
@@ -86,7 +90,7 @@ def validate(table: Path = typer.Option(..., "--table"),
     t = LatencyTable.load(table)
     names = [m.strip() for m in model.split(",") if m.strip()]
     with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
-        res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update)
+        res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update, gate=gate)
     png = plot or table.with_suffix(".validation.png")
     plot_validation(res, png)
     doc = {**res.to_dict(), "plot": str(png)}

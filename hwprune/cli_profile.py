@@ -109,6 +109,10 @@ def profile(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing table."),
     quick: bool = typer.Option(False, "--quick", help="Short measurements (smoke tests, not for real tables)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    gate: Optional[float] = typer.Option(
+        None, "--gate", min=0.0, max=0.99,
+        help="Shared hosts: time the unpruned model before and after every configuration and re-measure the "
+             "configuration when it ran more than this fraction slower than its fastest timing (e.g. 0.05)."),
 ) -> None:
     """Profile this machine: sample width configurations, measure, write a latency table."""
     from .backends import create_backend
@@ -126,7 +130,7 @@ def profile(
     with item_progress(f"profiling {model} ({backend}, batch {batch})", enabled=not as_json) as update:
         table = run_profile(names, out, be, batch=batch, input_size=input_size, configs=configs, seed=seed,
                             micro_per_config=micro, resume=resume, overwrite=overwrite, max_minutes=max_minutes,
-                            progress=update)
+                            progress=update, gate=gate)
     summary = table.summary()
     summary["path"] = str(out)
     if as_json:

@@ -38,7 +38,10 @@ META_KEY = b"hwprune"
 STAT_COLUMNS = ["median_ms", "min_ms", "mean_ms", "p90_ms", "p95_ms", "p99_ms", "std_ms", "cov", "rcov", "count",
                 "unstable"]
 ROW_COLUMNS = ["source", "item", "model", "config", "layer", "node", "kind"]
-COLUMNS = ROW_COLUMNS + UnitKey.field_names() + STAT_COLUMNS + ["attempts", "setup_ms", "first_run_ms", "widths"]
+#: The host's state around a configuration, written by gated profiling runs (``hwprune profile --gate``).
+STATE_COLUMNS = ["state_ref_ms", "state_ok", "state_attempts"]
+COLUMNS = (ROW_COLUMNS + UnitKey.field_names() + STAT_COLUMNS + ["attempts", "setup_ms", "first_run_ms", "widths"]
+           + STATE_COLUMNS)
 
 #: Settings that must agree between tables (and between a table and a request).
 SETTING_KEYS = ("backend", "backend_version", "execution_provider", "device", "threads", "precision", "batch",

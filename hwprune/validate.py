@@ -80,12 +80,15 @@ def _metrics(samples: Sequence[ValidationSample]) -> dict:
 
 def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int = 0,
              predictor: LatencyPredictor | None = None, measure: MeasureConfig | None = None,
-             rounds: int = 2, progress=None) -> ValidationResult:
+             rounds: int = 2, progress=None, gate: float | None = None) -> ValidationResult:
     """Measure ``samples`` random configurations per model and compare with predictions.
 
     Every configuration is measured in ``rounds`` fresh sessions, round-robin over all
     configurations (so a slow spell of the machine hits different models in different
-    rounds); the measured value is the median of its session medians.
+    rounds); the measured value is the median of its session medians. With ``gate``
+    (shared hosts, see :class:`hwprune.bench.GatedMeter`), a short timing of the unpruned
+    model precedes every session, and only sessions whose timing was within ``gate`` of that
+    model's fastest count (all of them if none did, and the sample is marked ungated).
     """
     s = table.settings
     diff = table.mismatch({}, fingerprint())
@@ -119,9 +122,16 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     sessions: list[list] = [[] for _ in plan]
+    probes: list[list] = [[] for _ in plan]
+    probe_cfg = MeasureConfig(warmup_s=0.05, min_iters=5, min_time_s=0.2, retries=0)
     try:
         with tempfile.TemporaryDirectory(prefix="hwprune-validate-") as d:
-            arts = []
+            arts, refs = [], {}
+            for m in models if gate else []:
+                shape = (batch, *spaces[m].input_shape[1:])
+                refs[m] = ModelArtifact(input_shape=shape, module=spaces[m].model.eval(), name=f"{m}/reference")
+                if backend.needs_onnx():
+                    refs[m].onnx_path = export_onnx(spaces[m].model.eval(), shape, Path(d) / f"ref-{m}.onnx")
             for k, (m, cfg) in enumerate(plan):
                 space = spaces[m]
                 shape = (batch, *space.input_shape[1:])
@@ -136,10 +146,23 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                 for k, art in enumerate(arts):
                     if progress:
                         progress(plan[k][0], r * len(plan) + k, total)
+                    if gate:
+                        keep, backend.measure_cfg = backend.measure_cfg, probe_cfg
+                        try:
+                            probes[k].append(backend.measure_e2e(refs[plan[k][0]]).stats.median)
+                        finally:
+                            backend.measure_cfg = keep
                     sessions[k].append(backend.measure_e2e(art).stats)
     finally:
         torch.set_num_threads(threads)
-    for (m, cfg), (p, extrapolated), st in zip(plan, predicted, sessions):
+    best = {}
+    for (m, _), pr in zip(plan, probes):
+        if pr:
+            best[m] = min(best.get(m, np.inf), min(pr))
+    for (m, cfg), (p, extrapolated), st, pr in zip(plan, predicted, sessions, probes):
+        if gate:
+            fast = [x for x, ref in zip(st, pr) if ref <= (1 + gate) * best[m]]
+            st = fast or st
         med = float(np.median([x.median for x in st]))
         spread = float(max(x.median for x in st) / min(x.median for x in st) - 1)
         out.append(ValidationSample(m, dict(cfg.widths), p, med, spread, extrapolated))

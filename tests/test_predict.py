@@ -149,3 +149,36 @@ def test_cli_widths_predict_validate(table_path, tmp_path):
     v = json.loads(r.stdout)
     assert v["n"] == 3 and {"within_5pct", "within_10pct", "rmspe", "spearman", "worst"} <= set(v)
     assert (tmp_path / "v.png").stat().st_size > 1000
+
+
+def test_gated_validation_counts_only_fast_sessions(table_path, monkeypatch):
+    """Scripted host: the second reference timing is 3x slow and the session after it reads 100 ms."""
+    import hwprune.validate as hv
+    from hwprune.backends import create_backend as real_create
+    from hwprune.table import LatencyTable
+
+    flip = {"n": 0}
+
+    def create(*a, **k):
+        be = real_create(*a, **k)
+        real = be.measure_e2e
+
+        def scripted(art):
+            m = real(art)
+            if art.name.endswith("/reference"):
+                flip["n"] += 1
+                if flip["n"] == 2:
+                    m.stats.median *= 3.0
+            else:
+                m.stats.median = 100.0 if flip["n"] == 2 else 1.0  # the session in the slow state
+            return m
+        be.measure_e2e = scripted
+        return be
+
+    monkeypatch.setattr(hv, "create_backend", create)
+    from hwprune.measure import MeasureConfig
+
+    quick = MeasureConfig.quick()
+    res = hv.validate(LatencyTable.load(table_path), ["cifar_resnet20"], 2, rounds=2, gate=0.5, measure=quick)
+    assert flip["n"] == 4  # one reference timing before every session
+    assert [s.measured_ms for s in res.samples] == [1.0, 1.0]  # the slow session never counts

@@ -251,3 +251,29 @@ def test_device_runner_without_torch(tmp_path):
     assert t.complete and len(t.e2e) == 2 and len(t.source("micro")) >= 1
     assert t.settings["threads"] == 1 and t.settings["backend"] == "onnxruntime"
     assert (t.source("insitu")["layer"] == "layer1.0.conv1").any()
+
+
+def test_gated_profile_remeasures_a_configuration_timed_while_the_host_was_slow(tmp_path, quick):
+    """The reference timing before the first configuration is scripted 3x slow (a neighbour held a core)."""
+    be = create_backend("onnxruntime", threads=1, measure=quick)
+    real = be.measure_e2e
+    slow = iter([3.0])
+
+    def scripted(art):
+        m = real(art)
+        if art.name.endswith("/reference"):
+            m.stats.median *= next(slow, 1.0)
+        return m
+
+    be.measure_e2e = scripted
+    table = profile("cifar_resnet20", tmp_path / "g.parquet", be, input_size=16, configs=3, micro_per_config=1,
+                    gate=0.5)
+    e2e = table.source("e2e").set_index("config")
+    assert e2e.loc["full", "state_attempts"] == 2  # slow bracket: measured again
+    assert e2e["state_ok"].all() and (e2e["state_ref_ms"] > 0).all()
+    assert (table.rows["state_attempts"].notna()).all()  # every row carries its state, micro rows too
+    assert len(table.source("micro")) > 0
+    reloaded = LatencyTable.load(tmp_path / "g.parquet")
+    assert reloaded.source("e2e")["state_ok"].all()
+    with pytest.raises(Exception, match="gate"):
+        profile("cifar_resnet20", tmp_path / "h.parquet", be, input_size=16, configs=1, gate=1.5)
