@@ -253,11 +253,10 @@ def test_device_runner_without_torch(tmp_path):
     assert (t.source("insitu")["layer"] == "layer1.0.conv1").any()
 
 
-def test_gated_profile_remeasures_a_configuration_timed_while_the_host_was_slow(tmp_path, quick):
-    """The reference timing before the first configuration is scripted 3x slow (a neighbour held a core)."""
+def _slow_reference_first(quick, factors):
+    """An ONNX Runtime backend whose first timings of the unpruned reference are scaled by ``factors``."""
     be = create_backend("onnxruntime", threads=1, measure=quick)
-    real = be.measure_e2e
-    slow = iter([3.0])
+    real, slow = be.measure_e2e, iter(factors)
 
     def scripted(art):
         m = real(art)
@@ -266,6 +265,12 @@ def test_gated_profile_remeasures_a_configuration_timed_while_the_host_was_slow(
         return m
 
     be.measure_e2e = scripted
+    return be
+
+
+def test_gated_profile_remeasures_a_configuration_timed_while_the_host_was_slow(tmp_path, quick):
+    """The reference timing before the first configuration is scripted 3x slow (a neighbour held a core)."""
+    be = _slow_reference_first(quick, [3.0])
     table = profile("cifar_resnet20", tmp_path / "g.parquet", be, input_size=16, configs=3, micro_per_config=1,
                     gate=0.5)
     e2e = table.source("e2e").set_index("config")
@@ -284,17 +289,7 @@ def test_gated_profile_last_pass_remeasures_what_was_timed_before_the_host_sped_
     state is seen, and the last pass measures it again."""
     from hwprune.profiler import ProfilePlan, Profiler
 
-    be = create_backend("onnxruntime", threads=1, measure=quick)
-    real = be.measure_e2e
-    slow = iter([3.0, 3.0])
-
-    def scripted(art):
-        m = real(art)
-        if art.name.endswith("/reference"):
-            m.stats.median *= next(slow, 1.0)
-        return m
-
-    be.measure_e2e = scripted
+    be = _slow_reference_first(quick, [3.0, 3.0])
     plan = ProfilePlan(models=("cifar_resnet20",), input_size=16, configs=3, micro_per_config=1)
     table = Profiler(be, plan, tmp_path / "r.parquet", gate=0.5, gate_attempts=1).run()
     e2e = table.source("e2e").set_index("config")
