@@ -82,8 +82,8 @@ def quickstart(
 
     t = time.perf_counter()
     if force or not table.exists() or not LatencyTable.load(table).complete:
-        _run(["profile", "--model", "cifar_resnet20", "--configs", str(configs), "--micro", "0", "--out", str(table),
-              *thr, "--resume" if table.exists() and not force else "--overwrite"])
+        _run(["profile", "--model", "cifar_resnet20", "--configs", str(configs), "--micro", "0", "--gate", "0.05",
+              "--out", str(table), *thr, "--resume" if table.exists() and not force else "--overwrite"])
     steps["profile"] = time.perf_counter() - t
     tab = LatencyTable.load(table)
 
@@ -93,7 +93,7 @@ def quickstart(
     if not done(vjson):
         with console.status(f"validating the predictor on {samples} fresh configurations"):
             doc = json.loads(_run(["validate", "--table", str(table), "--model", "cifar_resnet20", "--samples",
-                                   str(samples), "--plot", str(out / "validation.png"), "--json"], capture=True))
+                                   str(samples), "--gate", "0.05", "--plot", str(out / "validation.png"), "--json"], capture=True))
         from .io import atomic_write_text
 
         atomic_write_text(vjson, json.dumps(doc, indent=1) + "\n")
