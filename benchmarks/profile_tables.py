@@ -42,12 +42,13 @@ def table_path(model: str, batch: int) -> Path:
     return TABLES / f"onnxruntime-cpu-t{THREADS}-b{batch}" / f"{model}.parquet"
 
 
-def build(model: str, batch: int, configs: int, overwrite: bool = False) -> dict:
+def build(model: str, batch: int, configs: int, overwrite: bool = False, gate: float | None = None) -> dict:
     out = table_path(model, batch)
     cmd = ["hwprune", "profile", "--model", model, "--backend", "onnxruntime", "--batch", str(batch),
            "--threads", str(THREADS), "--configs", str(configs), "--out", str(out.relative_to(ROOT)), "--json"]
-    if model in GATE:
-        cmd[-1:-1] = ["--gate", f"{GATE[model]:g}"]
+    gate = gate if gate is not None else GATE.get(model)
+    if gate:
+        cmd[-1:-1] = ["--gate", f"{gate:g}"]
     if out.exists():
         cmd.append("--overwrite" if overwrite else "--resume")
     t0 = time.time()
@@ -166,13 +167,15 @@ def main() -> None:
     ap.add_argument("--skip-stability", action="store_true")
     ap.add_argument("--configs", type=int, default=None, help="override the plan's configurations per table")
     ap.add_argument("--overwrite", action="store_true", help="measure the listed tables again from scratch")
+    ap.add_argument("--gate", type=float, default=None,
+                    help="profile every listed table with --gate F (default: only the models in GATE)")
     args = ap.parse_args()
     prev = json.loads((RESULTS / "profiling.json").read_text()) if (RESULTS / "profiling.json").exists() else {}
     tables = {(t["model"], t["batch"]): t for t in prev.get("tables", [])}
     for batch in args.batches:
         for model in args.only:
             print(f"profiling {model} batch {batch} ...", file=sys.stderr, flush=True)
-            tables[(model, batch)] = build(model, batch, args.configs or PLAN[model], args.overwrite)
+            tables[(model, batch)] = build(model, batch, args.configs or PLAN[model], args.overwrite, args.gate)
             write({"machine": machine(), "tables": list(tables.values()), "stability": prev.get("stability")})
     results = {"machine": machine(), "tables": list(tables.values()), "stability": prev.get("stability")}
     if not args.skip_stability:
