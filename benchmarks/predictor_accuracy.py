@@ -91,13 +91,13 @@ def write(results: dict) -> None:
         lines += [f"Measurements gated on the host's state (`--gate {gates[0]:g}`): a short timing of the unpruned "
                   "model precedes every session, and only sessions whose timing was within that fraction of the "
                   "model's fastest count. The tables were profiled gated as well (see profiling.md).", ""]
-    lines += ["| run | batch | n | within ±5% | within ±10% | RMSPE | Spearman | fit (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["| run | batch | gated | n | within ±5% | within ±10% | RMSPE | Spearman | fit (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        lines.append(f"| {r['tag']} | {r['batch']} | {r['n']} | {100 * r['within_5pct']:.1f}% | "
+        lines.append(f"| {r['tag']} | {r['batch']} | {'yes' if r.get('gate') else 'no'} | {r['n']} | {100 * r['within_5pct']:.1f}% | "
                      f"{100 * r['within_10pct']:.1f}% | {100 * r['rmspe']:.2f}% | {r['spearman']:.3f} | "
                      f"{r['fit_seconds']:.1f} |")
         for m, pm in r["per_model"].items():
-            lines.append(f"| &nbsp;&nbsp;{m} | {r['batch']} | {pm['n']} | {100 * pm['within_5pct']:.1f}% | "
+            lines.append(f"| &nbsp;&nbsp;{m} | {r['batch']} | | {pm['n']} | {100 * pm['within_5pct']:.1f}% | "
                          f"{100 * pm['within_10pct']:.1f}% | {100 * pm['rmspe']:.2f}% | {pm['spearman']:.3f} | |")
     lines += ["", "Reproducibility of the measurements themselves: each configuration was measured in 2 fresh sessions. "
                   "The spread between them (max/min - 1) and the accuracy where both sessions agreed within 2%:", "",
@@ -144,20 +144,31 @@ def main() -> None:
     from hwprune.fingerprint import fingerprint
 
     fp = fingerprint()
-    results = {"machine": f"{fp['cpu_model']}, {fp['cpu_cores']} cores", "runs": []}
+    # runs not repeated this time (another batch size, or the unseen families) are kept from the last results
+    prev = json.loads((RESULTS / "predictor.json").read_text()) if (RESULTS / "predictor.json").exists() else {}
+    results = {"machine": f"{fp['cpu_model']}, {fp['cpu_cores']} cores", "runs": prev.get("runs", [])}
+    if prev.get("speed"):
+        results["speed"] = prev["speed"]
+
+    def put(d: dict) -> None:
+        key = (d["tag"], d["batch"])
+        runs = [r for r in results["runs"] if (r["tag"], r["batch"]) != key] + [d]
+        order = {"main": 0, "unseen": 1}
+        results["runs"] = sorted(runs, key=lambda r: (order.get(r["tag"], 2), r["batch"]))
+        write(results)
+
     first = None
     for batch in args.batches:
         d, pred = run(MODELS, batch, args.samples, "main", args.gate)
         d["tag"] = "main"
-        results["runs"].append(d)
+        put(d)
         first = first or pred
-        write(results)
     if first is not None:
         results["speed"] = speed(first)
     if not args.skip_unseen:
         d, _ = run(UNSEEN, 1, max(10, args.samples // 2), "unseen", args.gate)
         d["tag"] = "unseen"
-        results["runs"].append(d)
+        put(d)
     write(results)
     print((RESULTS / "predictor.md").read_text())
 
