@@ -247,17 +247,21 @@ class GatedMeter:
     ratio to the reference in the same round; at least ``min_rounds`` run, so that a call that
     starts in the slow state has a few seconds to see the fast one. The meter keeps the fastest reference across
     calls, so measurements taken minutes apart (a device correction loop) stay comparable.
+    With ``patience_s`` > 0, a call that has not settled after ``max_rounds`` (the host stayed
+    slow throughout) keeps measuring until it does or ``patience_s`` seconds have passed since it
+    began, instead of returning slow-state ratios.
     """
 
     def __init__(self, reference, backend: str = "onnxruntime", batch: int = 1, threads: int | None = None,
                  device: str = "cpu", measure: MeasureConfig | None = None, gate: float = 1.05, need: int = 3,
-                 max_rounds: int = 30, min_rounds: int = 4):
+                 max_rounds: int = 30, min_rounds: int = 4, patience_s: float = 0.0):
         from .export import export_onnx
 
         self.be = create_backend(backend, threads=threads, device=device,
                                  measure=measure or MeasureConfig(warmup_s=0.1, min_time_s=0.3, retries=0))
         self.batch, self.gate, self.need, self.max_rounds = batch, gate, need, max_rounds
         self.min_rounds = min(min_rounds, max_rounds)
+        self.patience_s = max(0.0, float(patience_s))
         self._dir = tempfile.TemporaryDirectory(prefix="hwprune-meter-")
         self._n = 0
         self.input_size = tuple(reference.input_size)
@@ -289,7 +293,8 @@ class GatedMeter:
         refs: list[float] = []
         meds: dict[str, list[float]] = {label: [] for label in arts}
         good: list[int] = []
-        for r in range(self.max_rounds):
+        t0 = time.perf_counter()
+        while len(refs) < self.max_rounds or time.perf_counter() - t0 < self.patience_s:
             refs.append(self.be.measure_e2e(self.ref).stats.median)
             for label, art in arts.items():
                 meds[label].append(self.be.measure_e2e(art).stats.median)

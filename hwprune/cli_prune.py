@@ -212,11 +212,17 @@ def _meet_on_device(space, cost, meet, meter, res, base_ms, min_keep):
 
     r = res.info.pop("gcp_result")
 
+    states = []
+
     def measure(widths, keep):
-        return base_ms * meter({"pruned": materialize(space, r, widths, keep)}).ratios["pruned"]
+        g = meter({"pruned": materialize(space, r, widths, keep)})
+        states.append(_state(g))
+        return base_ms * g.ratios["pruned"]
 
     widths, keep, log = correct_to_measured(space, cost, r.widths, r.keep, r.scores, r.prior, measure, base_ms, meet,
                                             min_keep=min_keep)
+    for entry, st in zip(log, states):  # one measurement per logged round
+        entry.update(st)
     res.widths, res.keep, res.cost_fraction = widths, keep, cost.fraction(widths)
     res.info["gcp"]["gcp_device_correction"] = log
     return materialize(space, r, widths, keep)
@@ -252,9 +258,11 @@ def _meet_baseline(space, method, cost, target, model, meter, meet, base_ms, min
         except HwpruneError as e:  # the re-planned goal fell below the narrowest configuration
             log.append({"round": r, "goal": goal, "error": str(e)})
             break
-        ms = base_ms * meter({"pruned": space.apply(res.widths, keep=res.keep)}).ratios["pruned"]
+        g = meter({"pruned": space.apply(res.widths, keep=res.keep)})
+        ms = base_ms * g.ratios["pruned"]
         ratio = ms / base_ms
-        log.append({"round": r, "goal": goal, "measured_ms": ms, "ratio": ratio, "predicted_fraction": res.cost_fraction})
+        log.append({"round": r, "goal": goal, "measured_ms": ms, "ratio": ratio, "predicted_fraction": res.cost_fraction,
+                    **_state(g)})
         if steer.record(res.cost_fraction, ratio, (r, res)):
             break
         goal = min(1.0, steer.next_goal(res.cost_fraction, ratio))
@@ -269,13 +277,23 @@ _ESTIMATOR = ("paired with the unpruned model in rounds of 0.3 s (fresh sessions
               "reference ran within 5% of the fastest seen (hwprune.bench.GatedMeter)")
 
 
+# how long one device measurement waits for a shared host's fast state to come back before it
+# settles for slow-state ratios (a neighbour holding a vCPU for minutes squeezes every speed-up)
+METER_PATIENCE_S = 180.0
+
+
 def _meter(settings: dict, base, chw: tuple):
     """A :class:`hwprune.bench.GatedMeter` on the table's backend and settings, the unpruned model as reference."""
     from .bench import BenchModel, GatedMeter
 
     return GatedMeter(BenchModel("base", module=base, input_size=chw), settings["backend"],
                       int(settings.get("batch") or 1), threads=settings.get("threads"),
-                      device=settings.get("device") or "cpu")
+                      device=settings.get("device") or "cpu", patience_s=METER_PATIENCE_S)
+
+
+def _state(g) -> dict:
+    """What a gated measurement says about the host's state, for the checkpoint's logs."""
+    return {"rounds": g.rounds, "gated_rounds": g.gated_rounds, "settled": g.settled}
 
 
 @app.command()

@@ -167,6 +167,45 @@ def test_gated_meter_counts_only_rounds_in_the_fast_state(monkeypatch):
     meter.close()
 
 
+def _scripted_meter(monkeypatch, script, **kw):
+    """A GatedMeter whose backend returns (reference, candidate) timings from ``script``, one pair per round."""
+    from types import SimpleNamespace
+
+    import hwprune.bench as hb
+
+    script, state = iter(script), {}
+
+    class Fake:
+        def needs_onnx(self):
+            return False
+
+        def measure_e2e(self, art):
+            if art.name == "m0":
+                state["pair"] = next(script)
+            return SimpleNamespace(stats=SimpleNamespace(median=state["pair"][0 if art.name == "m0" else 1]))
+
+    monkeypatch.setattr(hb, "create_backend", lambda *a, **k: Fake())
+    space = PruningSpace.from_name("cifar_resnet20", input_size=16)
+    meter = hb.GatedMeter(BenchModel("base", module=space.model, input_size=(3, 16, 16)), **kw)
+    return meter, space.apply(space.uniform(0.5))
+
+
+@pytest.mark.parametrize("patience", [0.0, 30.0])
+def test_gated_meter_waits_for_the_fast_state_with_patience(monkeypatch, patience):
+    """The fast state was seen in an earlier call; this call starts in a slow spell longer than max_rounds."""
+    fast, slow = [(0.6, 0.3)] * 3, [(1.0, 0.8)] * 12
+    meter, half = _scripted_meter(monkeypatch, fast + slow + fast, need=3, max_rounds=10, min_rounds=1,
+                                  patience_s=patience)
+    assert meter({"half": half}).settled
+    g = meter({"half": half})
+    if patience:  # kept measuring through the slow spell until three fast rounds counted
+        assert g.settled and g.rounds == 15 and g.gated_rounds == 3
+        assert g.ratios["half"] == pytest.approx(0.5)
+    else:  # gave up after max_rounds and fell back to the slow rounds
+        assert not g.settled and g.rounds == 10 and g.ratios["half"] == pytest.approx(0.8)
+    meter.close()
+
+
 def test_gated_meter_on_onnxruntime():
     space = PruningSpace.from_name("cifar_resnet20", input_size=16)
     from hwprune.bench import GatedMeter
