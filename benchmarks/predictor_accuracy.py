@@ -122,6 +122,8 @@ def write(results: dict) -> None:
                       f"{1000 * s['marginal_costs_seconds']:.0f} ms."]
     lines += ["", "Targets (issue): at least 99% within ±10% and 90% within ±5% (nn-Meter: 99.0% within ±10% on a "
                   "mobile CPU)."]
+    if results.get("notes"):  # hand-written, kept in predictor.json
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     (RESULTS / "predictor.md").write_text("\n".join(lines) + "\n")
 
 
@@ -146,7 +148,8 @@ def main() -> None:
     fp = fingerprint()
     # runs not repeated this time (another batch size, or the unseen families) are kept from the last results
     prev = json.loads((RESULTS / "predictor.json").read_text()) if (RESULTS / "predictor.json").exists() else {}
-    results = {"machine": f"{fp['cpu_model']}, {fp['cpu_cores']} cores", "runs": prev.get("runs", [])}
+    results = {"machine": f"{fp['cpu_model']}, {fp['cpu_cores']} cores", "runs": prev.get("runs", []),
+               "notes": prev.get("notes", [])}
     if prev.get("speed"):
         results["speed"] = prev["speed"]
 

@@ -120,6 +120,9 @@ def write(results: dict) -> None:
     for t in results["tables"]:
         lines.append(f"| {t['model']} b{t['batch']}{' (gated)' if '--gate' in t['command'] else ''} | {t['configs']} | {t['profile_seconds']:.0f} | {t['measurements']} | "
                      f"{t['e2e']} | {t['insitu']} | {t['micro']} | {t['distinct_units']} | {t['unstable_rows']} | {t['complete']} |")
+    notes = [f"- {t['model']} b{t['batch']}: {t['note']}" for t in results["tables"] if t.get("note")]
+    if notes:
+        lines += [""] + notes
     s = results.get("stability")
     if s:
         lines += ["", f"Stability: resnet18 batch 1, end-to-end median over {s['processes']} fresh processes: "
