@@ -232,6 +232,10 @@ class GatedLatency:
     gated_rounds: int  # rounds whose reference was within the gate of the fastest reference seen
     settled: bool  # False: max_rounds ran out before ``need`` gated rounds (the host stayed slow)
 
+    def host_state(self) -> dict:
+        """What this measurement says about the host's state, for logs."""
+        return {"rounds": self.rounds, "gated_rounds": self.gated_rounds, "settled": self.settled}
+
 
 class GatedMeter:
     """End-to-end latency of candidate models, paired with a reference model and gated on the host's state.

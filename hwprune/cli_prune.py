@@ -216,7 +216,7 @@ def _meet_on_device(space, cost, meet, meter, res, base_ms, min_keep):
 
     def measure(widths, keep):
         g = meter({"pruned": materialize(space, r, widths, keep)})
-        states.append(_state(g))
+        states.append(g.host_state())
         return base_ms * g.ratios["pruned"]
 
     widths, keep, log = correct_to_measured(space, cost, r.widths, r.keep, r.scores, r.prior, measure, base_ms, meet,
@@ -262,7 +262,7 @@ def _meet_baseline(space, method, cost, target, model, meter, meet, base_ms, min
         ms = base_ms * g.ratios["pruned"]
         ratio = ms / base_ms
         log.append({"round": r, "goal": goal, "measured_ms": ms, "ratio": ratio, "predicted_fraction": res.cost_fraction,
-                    **_state(g)})
+                    **g.host_state()})
         if steer.record(res.cost_fraction, ratio, (r, res)):
             break
         goal = min(1.0, steer.next_goal(res.cost_fraction, ratio))
@@ -289,11 +289,6 @@ def _meter(settings: dict, base, chw: tuple):
     return GatedMeter(BenchModel("base", module=base, input_size=chw), settings["backend"],
                       int(settings.get("batch") or 1), threads=settings.get("threads"),
                       device=settings.get("device") or "cpu", patience_s=METER_PATIENCE_S)
-
-
-def _state(g) -> dict:
-    """What a gated measurement says about the host's state, for the checkpoint's logs."""
-    return {"rounds": g.rounds, "gated_rounds": g.gated_rounds, "settled": g.settled}
 
 
 @app.command()

@@ -38,6 +38,7 @@ import torch.nn as nn
 from .backends.base import Backend, LayerTiming, ModelArtifact
 from .errors import HwpruneError, TableMismatch
 from .export import export_onnx
+from .hoststate import HostProbe
 from .io import check_writable
 from .measure import MeasureConfig, Measurement
 from .space import PruningSpace, WidthConfig
@@ -117,8 +118,7 @@ class Profiler:
         self.out = Path(out)
         self.gate = gate if gate else None
         self.gate_attempts = max(1, gate_attempts)
-        self._refs: dict[str, ModelArtifact] = {}
-        self._best: dict[str, float] = {}
+        self._probe: HostProbe | None = None
         self._ref_dir: tempfile.TemporaryDirectory | None = None
 
     def settings(self) -> dict:
@@ -158,6 +158,7 @@ class Profiler:
             torch.set_num_threads(1)  # keep torch's own thread pool quiet while another runtime is timed
         if self.gate:
             self._ref_dir = tempfile.TemporaryDirectory(prefix="hwprune-ref-")
+            self._probe = HostProbe(self.backend, self.plan.batch, self._ref_dir.name)
         try:
             for k, (model, cid, cfg) in enumerate(items):
                 item = f"{model}/{cid}"
@@ -187,29 +188,12 @@ class Profiler:
             table.save(self.out)
         return table
 
-    def _probe(self, space: PruningSpace, model: str) -> float:
-        """A short end-to-end timing of ``model``'s unpruned network: the host's state right now."""
-        if model not in self._refs:
-            shape = (self.plan.batch, *space.input_shape[1:])
-            art = ModelArtifact(input_shape=shape, module=space.model.eval(), name=f"{model}/reference")
-            if self.backend.needs_onnx():
-                art.onnx_path = export_onnx(space.model.eval(), shape, Path(self._ref_dir.name) / f"{model}.onnx")
-            self._refs[model] = art
-        cfg, self.backend.measure_cfg = self.backend.measure_cfg, MeasureConfig(warmup_s=0.05, min_iters=5,
-                                                                                min_time_s=0.2, retries=0)
-        try:
-            ms = self.backend.measure_e2e(self._refs[model]).stats.median
-        finally:
-            self.backend.measure_cfg = cfg
-        self._best[model] = min(self._best.get(model, ms), ms)
-        return ms
-
     def _regate(self, table: LatencyTable, spaces, items, seen_specs: set, progress) -> None:
         """Re-measure, once, the configurations whose bracket was slow against the final fastest timing."""
         if not len(table) or "state_ref_ms" not in table.rows:
             return
         e2e = table.rows[table.rows["source"] == "e2e"]
-        slow = set(e2e.loc[e2e["state_ref_ms"] > (1 + self.gate) * e2e["model"].map(self._best).fillna(float("inf")),
+        slow = set(e2e.loc[e2e["state_ref_ms"] > (1 + self.gate) * e2e["model"].map(self._probe.best).fillna(float("inf")),
                            "item"])
         todo = [(m, cid, cfg) for m, cid, cfg in items if f"{m}/{cid}" in slow]
         for k, (model, cid, cfg) in enumerate(todo):
@@ -229,10 +213,10 @@ class Profiler:
             return self._measure_once(space, model, cid, item, cfg, seen_specs, micro)
         micro_rows: list[dict] = []
         for attempt in range(1, self.gate_attempts + 1):
-            before = self._probe(space, model)
+            before = self._probe(model, space)
             rows = self._measure_once(space, model, cid, item, cfg, seen_specs, micro and attempt == 1)
-            ref = max(before, self._probe(space, model))
-            ok = ref <= (1 + self.gate) * self._best[model]
+            ref = max(before, self._probe(model, space))
+            ok = self._probe.fast(model, ref, self.gate)
             stamp = {"state_ref_ms": ref, "state_ok": bool(ok), "state_attempts": attempt}
             if attempt == 1:  # isolated units are measured once, with the first attempt's state
                 micro_rows = [{**r, **stamp} for r in rows if r["source"] == "micro"]

@@ -23,6 +23,7 @@ from .backends import ModelArtifact, create_backend
 from .errors import HwpruneError
 from .export import export_onnx
 from .fingerprint import fingerprint
+from .hoststate import HostProbe
 from .measure import MeasureConfig
 from .predict import LatencyPredictor
 from .space import PruningSpace, WidthConfig
@@ -88,7 +89,7 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     rounds); the measured value is the median of its session medians. With ``gate``
     (shared hosts, see :class:`hwprune.bench.GatedMeter`), a short timing of the unpruned
     model precedes every session, and only sessions whose timing was within ``gate`` of that
-    model's fastest count (all of them if none did, and the sample is marked ungated).
+    model's fastest count (all of them if none did).
     """
     s = table.settings
     diff = table.mismatch({}, fingerprint())
@@ -123,15 +124,9 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     torch.set_num_threads(1)
     sessions: list[list] = [[] for _ in plan]
     probes: list[list] = [[] for _ in plan]
-    probe_cfg = MeasureConfig(warmup_s=0.05, min_iters=5, min_time_s=0.2, retries=0)
     try:
         with tempfile.TemporaryDirectory(prefix="hwprune-validate-") as d:
-            arts, refs = [], {}
-            for m in models if gate else []:
-                shape = (batch, *spaces[m].input_shape[1:])
-                refs[m] = ModelArtifact(input_shape=shape, module=spaces[m].model.eval(), name=f"{m}/reference")
-                if backend.needs_onnx():
-                    refs[m].onnx_path = export_onnx(spaces[m].model.eval(), shape, Path(d) / f"ref-{m}.onnx")
+            arts, probe = [], HostProbe(backend, batch, d)
             for k, (m, cfg) in enumerate(plan):
                 space = spaces[m]
                 shape = (batch, *space.input_shape[1:])
@@ -147,21 +142,13 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                     if progress:
                         progress(plan[k][0], r * len(plan) + k, total)
                     if gate:
-                        keep, backend.measure_cfg = backend.measure_cfg, probe_cfg
-                        try:
-                            probes[k].append(backend.measure_e2e(refs[plan[k][0]]).stats.median)
-                        finally:
-                            backend.measure_cfg = keep
+                        probes[k].append(probe(plan[k][0], spaces[plan[k][0]]))
                     sessions[k].append(backend.measure_e2e(art).stats)
     finally:
         torch.set_num_threads(threads)
-    best = {}
-    for (m, _), pr in zip(plan, probes):
-        if pr:
-            best[m] = min(best.get(m, np.inf), min(pr))
     for (m, cfg), (p, extrapolated), st, pr in zip(plan, predicted, sessions, probes):
         if gate:
-            fast = [x for x, ref in zip(st, pr) if ref <= (1 + gate) * best[m]]
+            fast = [x for x, ref in zip(st, pr) if probe.fast(m, ref, gate)]
             st = fast or st
         med = float(np.median([x.median for x in st]))
         spread = float(max(x.median for x in st) / min(x.median for x in st) - 1)
