@@ -36,14 +36,32 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
+        exc = _click_exceptions()
+        if isinstance(e, exc["Exit"]):
             sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
+        if isinstance(e, exc["ClickException"]):  # one line, like every other error
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"error: {e.format_message()}{hint}", file=sys.stderr)
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, exc["Abort"]):
             sys.exit(130)
         raise
+
+
+def _click_exceptions() -> dict[str, tuple]:
+    """Click's exception classes. Typer 0.29 ships its own copy of click (``typer._click``), whose
+    classes are not click's: a usage error such as ``--configs 0`` must match either."""
+    import click
+    import typer
+
+    mods = [click.exceptions, typer.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    return {name: tuple(getattr(m, name) for m in mods if isinstance(getattr(m, name, None), type))
+            for name in ("Exit", "ClickException", "Abort")}
 

@@ -57,7 +57,7 @@ def predict(table: Path = typer.Option(..., "--table"),
     doc = {"model": model, "predicted_ms": total, "extrapolated": bool(extrapolated),
            "extrapolated_layers": extrapolated, "layers": [l.to_dict() for l in layers],
            "settings": {k: t.settings.get(k) for k in ("backend", "threads", "batch", "precision")},
-           "fit_seconds": round(pred.fit_seconds_, 2)}
+           "fit_seconds": round(pred.fit_seconds_, 2), "slow_configs_used": pred.slow_configs_used_}
     if as_json:
         _echo_json(doc)
         return

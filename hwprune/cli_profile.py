@@ -113,6 +113,10 @@ def profile(
         None, "--gate", min=0.0, max=0.99,
         help="Shared hosts: time the unpruned model before and after every configuration and re-measure the "
              "configuration when it ran more than this fraction slower than its fastest timing (e.g. 0.05)."),
+    gate_budget: Optional[float] = typer.Option(
+        None, "--gate-budget", min=0.0,
+        help="With --gate: seconds this run may spend re-measuring; after that, slow-state configurations are "
+             "kept once, marked state_ok=False (default: no limit)."),
 ) -> None:
     """Profile this machine: sample width configurations, measure, write a latency table."""
     from .backends import create_backend
@@ -130,7 +134,7 @@ def profile(
     with item_progress(f"profiling {model} ({backend}, batch {batch})", enabled=not as_json) as update:
         table = run_profile(names, out, be, batch=batch, input_size=input_size, configs=configs, seed=seed,
                             micro_per_config=micro, resume=resume, overwrite=overwrite, max_minutes=max_minutes,
-                            progress=update, gate=gate)
+                            progress=update, gate=gate, gate_budget_s=gate_budget)
     summary = table.summary()
     summary["path"] = str(out)
     if as_json:

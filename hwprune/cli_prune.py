@@ -53,6 +53,10 @@ def prune(
                                    help="Every channel group keeps at least this fraction of its channels."),
     chart: Optional[Path] = typer.Option(None, "--chart", help="Write the per-layer width chart (PNG) here."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    patience: float = typer.Option(
+        180.0, "--patience", min=0.0,
+        help="Seconds one device measurement may wait for a shared host's fast state before it settles for "
+             "what it has (logged as settled=false)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prune a checkpoint to a cost target, optionally fine-tune, and save the smaller model."""
@@ -87,7 +91,7 @@ def prune(
 
         torch.set_num_threads(threads)
     chw = tuple(spec.input_size)
-    meter = _meter(pred.settings_, spec.module, chw) if (pred is not None and measure) else None
+    meter = _meter(pred.settings_, spec.module, chw, patience) if (pred is not None and measure) else None
     base_ms = meter({}).reference_ms if (meet is not None and meter is not None) else None
     correction = None
     import time
@@ -277,18 +281,18 @@ _ESTIMATOR = ("paired with the unpruned model in rounds of 0.3 s (fresh sessions
               "reference ran within 5% of the fastest seen (hwprune.bench.GatedMeter)")
 
 
-# how long one device measurement waits for a shared host's fast state to come back before it
-# settles for slow-state ratios (a neighbour holding a vCPU for minutes squeezes every speed-up)
-METER_PATIENCE_S = 180.0
+def _meter(settings: dict, base, chw: tuple, patience_s: float):
+    """A :class:`hwprune.bench.GatedMeter` on the table's backend and settings, the unpruned model as reference.
 
-
-def _meter(settings: dict, base, chw: tuple):
-    """A :class:`hwprune.bench.GatedMeter` on the table's backend and settings, the unpruned model as reference."""
+    ``patience_s``: how long one measurement waits for a shared host's fast state to come back
+    before it settles for slow-state ratios (a neighbour holding a vCPU for minutes squeezes
+    every speed-up).
+    """
     from .bench import BenchModel, GatedMeter
 
     return GatedMeter(BenchModel("base", module=base, input_size=chw), settings["backend"],
                       int(settings.get("batch") or 1), threads=settings.get("threads"),
-                      device=settings.get("device") or "cpu", patience_s=METER_PATIENCE_S)
+                      device=settings.get("device") or "cpu", patience_s=patience_s)
 
 
 @app.command()

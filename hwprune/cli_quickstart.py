@@ -35,6 +35,9 @@ from .errors import HwpruneError
 ASSETS = Path(__file__).resolve().parent / "assets"
 BASE_CK = ASSETS / "cifar_resnet20.pt"
 SAMPLE = ASSETS / "cifar10-sample"
+# On a shared host that stays slow, each of prune's device measurements waits at most this long
+# for the fast state (the profile's re-measurement is bounded by --gate-budget).
+PATIENCE_S = 30.0
 
 
 def _run(args: list[str], capture: bool = False) -> str:
@@ -57,6 +60,10 @@ def quickstart(
     finetune_epochs: int = typer.Option(3, "--finetune-epochs", min=0),
     gcp_iters: int = typer.Option(30, "--gcp-iters", min=1, help="GCP iterations per regularise/recover phase."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: all cores)."),
+    gate_budget: float = typer.Option(
+        90.0, "--gate-budget", min=0.0,
+        help="Seconds the profile may spend re-measuring configurations timed while a shared host was slow; "
+             "after that they are kept once, marked."),
     force: bool = typer.Option(False, "--force", help="Redo finished steps."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON on stdout."),
 ) -> None:
@@ -83,7 +90,7 @@ def quickstart(
     t = time.perf_counter()
     if force or not table.exists() or not LatencyTable.load(table).complete:
         _run(["profile", "--model", "cifar_resnet20", "--configs", str(configs), "--micro", "0", "--gate", "0.05",
-              "--out", str(table), *thr, "--resume" if table.exists() and not force else "--overwrite"])
+              "--gate-budget", f"{gate_budget:g}", "--out", str(table), *thr, "--resume" if table.exists() and not force else "--overwrite"])
     steps["profile"] = time.perf_counter() - t
     tab = LatencyTable.load(table)
 
@@ -119,7 +126,7 @@ def quickstart(
     if not done(pruned):
         _run(["prune", "--checkpoint", str(base), "--data", str(SAMPLE), "--table", str(table), "--method", "gcp",
               "--objective", "latency", "--target", f"{target:g}", "--steps", "4", "--iters", str(gcp_iters),
-              "--finetune-epochs", str(finetune_epochs), "--finetune-lr", "0.01", *thr,
+              "--finetune-epochs", str(finetune_epochs), "--finetune-lr", "0.01", "--patience", f"{PATIENCE_S:g}", *thr,
               "--chart", str(out / "widths.png"), "--out", str(pruned)])
     steps["prune"] = time.perf_counter() - t
 
@@ -145,7 +152,10 @@ def quickstart(
     speedup = bdoc["speedups"][0]["speedup"] if bdoc.get("speedups") else b["latency_ms"]["median"] / p["latency_ms"]["median"]
     summary = {
         "device": bdoc["device"].get("cpu_model"), "table": str(table), "table_rows": tab.summary()["rows"],
-        "predictor": {k: val.get(k) for k in ("n", "within_5pct", "within_10pct", "rmspe", "spearman")},
+        # configurations profiled while the host stayed slow after the gate budget ran out
+        "table_slow_state_configs": tab.summary()["slow_state_configs"],
+        "predictor": {k: val.get(k) for k in ("n", "within_5pct", "within_10pct", "rmspe", "spearman",
+                                              "slow_configs_used")},
         "base": {"measured_ms": b["latency_ms"]["median"], "predicted_ms": b.get("predicted_ms"),
                  "throughput_ips": b["throughput_ips"], "top1": (bmeta.get("accuracy") or {}).get("top1"),
                  "flops": None, "checkpoint": str(base)},
@@ -170,6 +180,9 @@ def quickstart(
     if pv.get("n"):
         console.print(f"predictor: {100 * pv['within_10pct']:.0f}% of {pv['n']} fresh configurations within ±10%, "
                       f"{100 * pv['within_5pct']:.0f}% within ±5%, Spearman {pv['spearman']:.3f}")
+    if pv.get("slow_configs_used"):
+        console.print(f"[yellow]the predictor was fitted on {pv['slow_configs_used']} configurations profiled while "
+                      f"this host was slow[/] (too few others): expect it to predict high")
     console.print(f"report: {report} (and {report.with_suffix('.md')}); total {summary['seconds']['total'] / 60:.1f} min")
     from .io import atomic_write_text
 

@@ -378,6 +378,29 @@ def materialize(space: PruningSpace, res: GCPResult, widths: WidthConfig, keep: 
     return pruned.eval()
 
 
+def _add_back_cost(space: PruningSpace, cost: CostBase, cfg: WidthConfig, step: int = 8) -> dict[str, float]:
+    """Per group, the cost of one channel given back at ``cfg``: the cost of ``step`` more channels
+    (fewer where the group is nearly whole) divided by their number, floored at a hundredth of the
+    mean positive value, because a latency staircase can make a few channels free or even cheaper.
+
+    Restoring by BN scale alone favours coupled groups (a residual stream sums the scales of
+    every BN it feeds), which are also the most expensive channels to give back.
+    """
+    tpl = cost.template
+    base = tpl.width_matrix([cfg])[0]
+    full = tpl.width_matrix([space.full()])[0]
+    rows, adds = [base], []
+    for i in range(len(base)):
+        r = base.copy()
+        r[i] = min(full[i], base[i] + step)
+        adds.append(max(1, int(r[i] - base[i])))
+        rows.append(r)
+    t = cost.total(np.stack(rows)).astype(np.float64)
+    per = np.array([(t[1 + i] - t[0]) / adds[i] for i in range(len(base))])
+    floor = 0.01 * float(per[per > 0].mean()) if (per > 0).any() else 1.0
+    return {gid: float(max(per[i], floor)) for i, gid in enumerate(tpl.group_ids)}
+
+
 def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig, keep: dict[str, list[int]],
                         scores: dict[str, np.ndarray], prior: dict[str, np.ndarray],
                         measure: Callable[[WidthConfig, dict[str, list[int]]], float], base_ms: float,
@@ -390,7 +413,8 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
     ``tol`` below it), the predicted-cost goal is rescaled by ``target / ratio`` (or,
     once one goal landed under and one over the target, bisected between them) and
     channels are pruned further (lowest effective BN scale first) or restored (highest
-    prior BN scale first), then the model is measured again. If the last try misses,
+    prior BN scale per unit of cost first, see :func:`_add_back_cost`), then the model is
+    measured again. If the last try misses,
     the slowest configuration that met the target is returned.
     """
     alive = {g.id: np.zeros(g.channels, dtype=bool) for g in space.groups}
@@ -423,8 +447,9 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
                 alive[g.id][i] = False
                 if cost.total([current()])[0] / base_cost <= goal:
                     break
-        else:  # well under the target: give back the most important pruned channels
-            cands = sorted(((-float(prior[g.id][i]), gi, int(i)) for gi, g in enumerate(space.groups)
+        else:  # well under the target: give back the pruned channels with the most BN scale per unit cost
+            unit = _add_back_cost(space, cost, current())
+            cands = sorted(((-float(prior[g.id][i]) / unit[g.id], gi, int(i)) for gi, g in enumerate(space.groups)
                             for i in np.nonzero(~alive[g.id])[0]))
             for _, gi, i in cands:
                 g = space.groups[gi]

@@ -188,8 +188,12 @@ class LatencyPredictor:
     def _template(self, model: str, input_size) -> ModelTemplate:
         return ModelTemplate(PruningSpace.from_name(model, input_size=input_size))
 
-    def _training_set(self, table: LatencyTable) -> tuple[TrainingSet, dict[str, _ModelFit], pd.DataFrame]:
+    def _training_set(self, table: LatencyTable, drop_slow: bool = True
+                      ) -> tuple[TrainingSet, dict[str, _ModelFit], pd.DataFrame]:
         """Layer rows (features from the template, targets from the in-situ profile) per unit kind.
+
+        With ``drop_slow``, configurations a gated profile marked as timed in the host's slow
+        state (``state_ok=False``) are left out, provided at least 5 others remain.
 
         The profiler adds a few microseconds to every node it times, and the number of
         executed nodes varies with the widths (reorders, unfused element-wise nodes). That
@@ -199,8 +203,11 @@ class LatencyPredictor:
         """
         rows = table.rows
         slow = rows["state_ok"].map(lambda v: v is False or v is np.False_)  # gated runs: bracket stayed slow
-        if slow.any() and rows.loc[~slow, "source"].eq("e2e").sum() >= 5:
-            rows = rows[~rows["item"].isin(set(rows.loc[slow, "item"]))]
+        slow_items = set(rows.loc[slow, "item"])
+        self.slow_configs_used_ = len(slow_items)  # configurations timed in the host's slow state, fitted on
+        if drop_slow and slow_items and rows.loc[~slow, "source"].eq("e2e").sum() >= 5:
+            self.slow_configs_used_ = 0
+            rows = rows[~rows["item"].isin(slow_items)]
         batch = int(table.settings.get("batch") or 1)
         insitu = rows[rows["source"] == "insitu"]
         e2e_all = rows[rows["source"] == "e2e"].set_index("item")
@@ -296,6 +303,10 @@ class LatencyPredictor:
         if len(table.e2e) == 0:
             raise HwpruneError("the table has no end-to-end rows to calibrate a predictor on")
         ts, fits, sums = self._training_set(table)
+        if any(len(y) < self.min_rows for y in ts.y.values()) and (table.e2e["state_ok"] == False).any():  # noqa: E712
+            # too few fast-state rows for some unit kind: fit on every row rather than not at all,
+            # and say so (slow_configs_used_ counts the slow-state configurations fitted on)
+            ts, fits, sums = self._training_set(table, drop_slow=False)
         if not ts.y:
             raise HwpruneError("the table has no in-situ layer rows the predictor can learn from")
         self.settings_ = dict(table.settings)
@@ -413,7 +424,8 @@ class LatencyPredictor:
         table_path = Path(table_path)
         doc = {"format": "hwprune.predictor/1", "table": str(table_path.resolve()),
                "table_sha256": hashlib.sha256(table_path.read_bytes()).hexdigest(), "params": self.get_params(),
-               "selection": getattr(self, "selection_", {}), "settings": getattr(self, "settings_", {})}
+               "selection": getattr(self, "selection_", {}), "settings": getattr(self, "settings_", {}),
+               "slow_configs_used": getattr(self, "slow_configs_used_", 0)}
         return atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
     @classmethod

@@ -15,7 +15,10 @@ the unpruned model; when either ran more than ``gate`` slower than its fastest t
 (another tenant held a core), the configuration is measured again (up to ``gate_attempts``
 times), and a last pass re-measures configurations whose bracket stayed slow against the
 run's final fastest timing. The bracket is stored in the rows (``state_ref_ms``,
-``state_ok``), so a fit can leave slow-state rows out.
+``state_ok``), so a fit can leave slow-state rows out. ``gate_budget_s`` caps the time spent
+on re-measurement: once it is spent, every configuration is measured once and kept with its
+state (``state_ok=False`` when slow), and the last pass is skipped, so a host that stays slow
+for the whole run delays it by at most the budget.
 
 Rows are committed after every configuration with an atomic write, so killing the run
 loses at most the configuration in flight; ``resume=True`` continues a partial table and
@@ -112,12 +115,14 @@ class Profiler:
     """Runs a :class:`ProfilePlan` on a backend and commits rows to a table file."""
 
     def __init__(self, backend: Backend, plan: ProfilePlan, out: str | Path, gate: float | None = None,
-                 gate_attempts: int = 4):
+                 gate_attempts: int = 4, gate_budget_s: float | None = None):
         self.backend = backend
         self.plan = plan
         self.out = Path(out)
         self.gate = gate if gate else None
         self.gate_attempts = max(1, gate_attempts)
+        self.gate_budget_s = gate_budget_s
+        self.remeasure_s = 0.0  # time spent this run re-measuring configurations timed in a slow state
         self._probe: HostProbe | None = None
         self._ref_dir: tempfile.TemporaryDirectory | None = None
 
@@ -189,14 +194,21 @@ class Profiler:
         return table
 
     def _regate(self, table: LatencyTable, spaces, items, seen_specs: set, progress) -> None:
-        """Re-measure, once, the configurations whose bracket was slow against the final fastest timing."""
+        """Mark the configurations whose bracket was slow against the run's final fastest timing, and
+        re-measure each once while the re-measurement budget lasts."""
         if not len(table) or "state_ref_ms" not in table.rows:
             return
         e2e = table.rows[table.rows["source"] == "e2e"]
         slow = set(e2e.loc[e2e["state_ref_ms"] > (1 + self.gate) * e2e["model"].map(self._probe.best).fillna(float("inf")),
                            "item"])
+        if slow:  # judged against the run's fastest timing, these were slow: say so even if the budget is spent
+            table.rows.loc[table.rows["item"].isin(slow), "state_ok"] = False
+            table.save(self.out)
         todo = [(m, cid, cfg) for m, cid, cfg in items if f"{m}/{cid}" in slow]
         for k, (model, cid, cfg) in enumerate(todo):
+            if not self._budget_left():
+                break
+            t0 = time.perf_counter()
             item = f"{model}/{cid}"
             if progress:
                 progress(f"re-measuring {item} (slow host)", k, len(todo))
@@ -206,6 +218,10 @@ class Profiler:
             table.rows = table.rows[table.rows["item"] != item]
             table.append(rows + keep_micro.to_dict("records"))
             table.save(self.out)
+            self.remeasure_s += time.perf_counter() - t0
+
+    def _budget_left(self) -> bool:
+        return self.gate_budget_s is None or self.remeasure_s < self.gate_budget_s
 
     def _measure_item(self, space: PruningSpace, model: str, cid: str, item: str, cfg: WidthConfig,
                       seen_specs: set, micro: bool = True) -> list[dict]:
@@ -213,6 +229,9 @@ class Profiler:
             return self._measure_once(space, model, cid, item, cfg, seen_specs, micro)
         micro_rows: list[dict] = []
         for attempt in range(1, self.gate_attempts + 1):
+            if attempt > 1 and not self._budget_left():
+                break  # keep the slow-state measurement, marked state_ok=False
+            t0 = time.perf_counter()
             before = self._probe(model, space)
             rows = self._measure_once(space, model, cid, item, cfg, seen_specs, micro and attempt == 1)
             ref = max(before, self._probe(model, space))
@@ -221,6 +240,8 @@ class Profiler:
             if attempt == 1:  # isolated units are measured once, with the first attempt's state
                 micro_rows = [{**r, **stamp} for r in rows if r["source"] == "micro"]
             rows = [{**r, **stamp} for r in rows if r["source"] != "micro"]
+            if attempt > 1:
+                self.remeasure_s += time.perf_counter() - t0
             if ok:
                 break
         return rows + micro_rows
@@ -283,7 +304,8 @@ def profile(models: Sequence[str] | str, out: str | Path, backend: str | Backend
             threads: int | None = None, input_size: int | None = None, configs: int = 100, seed: int = 0,
             micro_per_config: int = 2, measure: MeasureConfig | None = None, resume: bool = False,
             overwrite: bool = False, max_minutes: float | None = None,
-            progress: ProgressFn | None = None, gate: float | None = None) -> LatencyTable:
+            progress: ProgressFn | None = None, gate: float | None = None,
+            gate_budget_s: float | None = None) -> LatencyTable:
     """Profile ``models`` on this machine and write a latency table to ``out``.
 
     >>> table = profile("cifar_resnet20", "r20.parquet", threads=2, configs=20)  # doctest: +SKIP
@@ -306,4 +328,6 @@ def profile(models: Sequence[str] | str, out: str | Path, backend: str | Backend
                        micro_per_config=micro_per_config)
     if gate is not None and not 0 <= gate < 1:
         raise HwpruneError(f"gate must be a fraction in [0, 1), got {gate}")
-    return Profiler(be, plan, out, gate=gate).run(resume=resume, overwrite=overwrite, max_minutes=max_minutes, progress=progress)
+    if gate_budget_s is not None and gate_budget_s < 0:
+        raise HwpruneError(f"gate budget must be at least 0 seconds, got {gate_budget_s}")
+    return Profiler(be, plan, out, gate=gate, gate_budget_s=gate_budget_s).run(resume=resume, overwrite=overwrite, max_minutes=max_minutes, progress=progress)

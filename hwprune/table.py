@@ -143,6 +143,7 @@ class LatencyTable:
             "e2e_rows": int(len(e2e)),
             "distinct_units": int(layer_rows[UnitKey.field_names()].drop_duplicates().shape[0]) if len(layer_rows) else 0,
             "unstable_rows": int(r["unstable"].fillna(False).astype(bool).sum()),
+            "slow_state_configs": int((e2e["state_ok"] == False).sum()) if "state_ok" in e2e else 0,  # noqa: E712
             "e2e_ms_min": float(e2e["median_ms"].min()) if len(e2e) else None,
             "e2e_ms_max": float(e2e["median_ms"].max()) if len(e2e) else None,
             "complete": self.complete,

@@ -58,6 +58,8 @@ class ValidationResult:
     settings: dict
     device: dict
     measure_seconds: float
+    #: configurations the predictor was fitted on although a gated profile marked them slow-state
+    slow_configs_used: int = 0
     samples: list[ValidationSample] = field(repr=False, default_factory=list)
 
     def to_dict(self, with_samples: bool = False) -> dict:
@@ -163,7 +165,8 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                 "extrapolated": w.extrapolated, "widths": w.widths} for w in worst],
         per_model={m: _metrics([x for x in out if x.model == m]) for m in models},
         settings=dict(s), device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
-        measure_seconds=time.perf_counter() - t0, samples=out)
+        measure_seconds=time.perf_counter() - t0, slow_configs_used=getattr(pred, "slow_configs_used_", 0),
+        samples=out)
 
 
 def plot_validation(result: ValidationResult, path: str | Path, title: str = "") -> Path:

@@ -242,3 +242,32 @@ def test_channels_given_back_by_the_correction_are_not_dead():
         for n in g.norms:
             w = mods[n].weight.detach()[pruned_idx]
             assert bool((w != 0).all()), f"{n}: a restored channel came back with a zero BN scale"
+
+
+def test_restoring_gives_back_the_most_bn_scale_per_unit_cost():
+    """With equal BN scales everywhere, the channels given back first are the cheapest ones, not
+    those of the coupled residual groups (whose scales sum over several BNs)."""
+    from hwprune.gcp import _add_back_cost, correct_to_measured
+    from hwprune.space import WidthConfig
+
+    space = make_space()
+    cost = FlopsCost(space)
+    keep = {g.id: list(range(max(1, g.channels // 2))) for g in space.groups}
+    widths = WidthConfig(space.name, {gid: len(k) for gid, k in keep.items()})
+    unit = _add_back_cost(space, cost, widths)
+    assert set(unit) == {g.id for g in space.groups} and all(v > 0 for v in unit.values())
+    cheap, dear = min(unit, key=unit.get), max(unit, key=unit.get)
+    assert unit[dear] > 2 * unit[cheap]
+    ones = {g.id: np.ones(g.channels) for g in space.groups}
+    base_ms = 10.0
+    start = cost.fraction(widths)
+
+    def fast(w, k):  # pruned models run 30% faster than predicted: some channels come back
+        return base_ms * cost.fraction(w) * 0.7
+
+    restored, _, log = correct_to_measured(space, cost, widths, keep, ones, ones, fast, base_ms,
+                                           target=start * 0.8, tol=0.02)
+    full = {g.id: g.channels for g in space.groups}
+    gained = {gid: (restored.widths[gid] - widths.widths[gid]) / (full[gid] - widths.widths[gid]) for gid in full}
+    assert cost.fraction(restored) > start and log[-1]["ratio"] <= start * 0.8
+    assert gained[cheap] == 1.0 and gained[dear] == 0.0

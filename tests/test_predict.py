@@ -182,3 +182,19 @@ def test_gated_validation_counts_only_fast_sessions(table_path, monkeypatch):
     res = hv.validate(LatencyTable.load(table_path), ["cifar_resnet20"], 2, rounds=2, gate=0.5, measure=quick)
     assert flip["n"] == 4  # one reference timing before every session
     assert [s.measured_ms for s in res.samples] == [1.0, 1.0]  # the slow session never counts
+
+
+@pytest.mark.parametrize("n_slow, used", [(2, 0), (6, 6)])
+def test_slow_state_configurations_are_left_out_while_enough_others_remain(table, n_slow, used):
+    """A gated profile marks configurations timed in the host's slow state. The fit leaves them
+    out, unless that leaves a unit kind with fewer than ``min_rows`` rows (14 configurations,
+    one linear row each, min_rows 10): then it fits on all of them and says how many were slow."""
+    rows = table.rows.copy()
+    slow = sorted(set(rows["item"]))[:n_slow]
+    rows["state_ok"] = ~rows["item"].isin(slow)
+    marked = LatencyTable(rows, table.meta)
+    pred = LatencyPredictor(min_rows=10).fit(marked)
+    assert pred.slow_configs_used_ == used
+    assert pred.selection_["linear"]["rows"] == 14 - n_slow + used
+    assert marked.summary()["slow_state_configs"] == n_slow
+    assert LatencyPredictor(min_rows=10).fit(table).slow_configs_used_ == 0  # ungated table: nothing is slow

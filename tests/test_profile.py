@@ -202,6 +202,9 @@ def test_max_minutes_leaves_a_usable_partial_table(tmp_path):
     (["profile", "--out", "{tmp}/file.txt/x.parquet"], "cannot create directory"),
     (["table", "info", "{tmp}/file.txt"], "corrupt or truncated"),
     (["table", "info", "{tmp}/missing.parquet"], "does not exist"),
+    # option ranges are checked by typer, whose click copy raises its own exception classes
+    (["profile", "--configs", "0", "--out", "{tmp}/x.parquet"], "Invalid value for '--configs'"),
+    (["profile", "--no-such-option"], "No such option"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, expect):
     (tmp_path / "file.txt").write_text("not a table")
@@ -297,3 +300,24 @@ def test_gated_profile_last_pass_remeasures_what_was_timed_before_the_host_sped_
     ref = e2e["state_ref_ms"]
     assert ref["full"] < 2 * ref.drop("full").min()  # the slow bracket was replaced by a fresh measurement
     assert len(table.source("micro")) >= 1
+
+
+def test_gate_budget_bounds_the_re_measurement_on_a_host_that_stays_slow(tmp_path, quick):
+    """With no budget left, a slow-state configuration is measured once and kept, marked
+    state_ok=False, and the last pass does not run; with a budget, the same run re-measures it."""
+    from hwprune.profiler import ProfilePlan, Profiler
+
+    plan = ProfilePlan(models=("cifar_resnet20",), input_size=16, configs=3, micro_per_config=0)
+    spent = Profiler(_slow_reference_first(quick, [3.0, 3.0]), plan, tmp_path / "b0.parquet", gate=0.5,
+                     gate_budget_s=0.0)
+    table = spent.run()
+    e2e = table.source("e2e").set_index("config")
+    assert len(e2e) == 3 and (e2e["state_attempts"] == 1).all()
+    assert not e2e.loc["full", "state_ok"] and e2e.drop("full")["state_ok"].all()
+    assert spent.remeasure_s == 0 and table.summary()["slow_state_configs"] == 1
+    roomy = Profiler(_slow_reference_first(quick, [3.0, 3.0]), plan, tmp_path / "b1.parquet", gate=0.5,
+                     gate_budget_s=600.0)
+    e2e = roomy.run().source("e2e").set_index("config")
+    assert e2e["state_ok"].all() and roomy.remeasure_s > 0  # the last pass measured 'full' again
+    r = run_cli("profile", "--model", "cifar_resnet20", "--gate-budget", "-1", "--out", str(tmp_path / "x.parquet"))
+    assert r.returncode == 2 and "'--gate-budget'" in r.stderr and "Traceback" not in r.stderr

@@ -16,7 +16,7 @@ def test_assets_ship_with_the_package():
 def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "qs"
     r = run_cli("quickstart", "--out", str(out), "--configs", "12", "--samples", "3", "--finetune-epochs", "1",
-                "--gcp-iters", "3", "--threads", "1", "--json", timeout=900)
+                "--gcp-iters", "3", "--threads", "1", "--gate-budget", "20", "--json", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     for f in ("cpu_table.parquet", "validation.json", "cifar_resnet20_base.pt", "cifar_resnet20_gcp.pt", "bench.json",
@@ -25,6 +25,7 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert doc["pruned"]["measured_ms"] < doc["base"]["measured_ms"]
     assert doc["base"]["top1"] is not None and doc["pruned"]["top1"] is not None
     assert doc["predictor"]["n"] == 3 and doc["measured_speedup"] > 1
+    assert 0 <= doc["predictor"]["slow_configs_used"] <= doc["table_slow_state_configs"] <= 12
     pruned = Checkpoint.load(out / "cifar_resnet20_gcp.pt")
     assert pruned.meta["method"] == "gcp" and pruned.meta["objective"] == "latency"
     assert pruned.meta["predicted_ms"] > 0 and pruned.meta["device_correction"]
