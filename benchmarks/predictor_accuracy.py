@@ -115,6 +115,20 @@ def write(results: dict) -> None:
             w10 = f"{100 * np.mean(err[steady] <= 0.10):.0f}%" if steady.any() else "-"
             lines.append(f"| {r['tag']} | {r['batch']} | {m} | {100 * np.median(sp):.1f}% | "
                          f"{100 * np.quantile(sp, 0.9):.1f}% | {int(steady.sum())} | {w5} | {w10} |")
+    drifted = [r for r in results["runs"] if r.get("drift")]
+    if drifted:
+        lines += ["", "Host drift (gated runs on gated tables): the unpruned model's probe during validation against "
+                      "the table's probes, and the accuracy once every prediction is multiplied by its model's factor:",
+                  "", "| run | batch | model | probe when profiled (ms) | probe now (ms) | factor |",
+                  "|---|---|---|---|---|---|"]
+        for r in drifted:
+            for m, d in r["drift"].items():
+                lines.append(f"| {r['tag']} | {r['batch']} | {m} | {d['table_reference_ms']:.3f} | "
+                             f"{d['reference_ms']:.3f} | {d['factor']:.3f} |")
+            c = r.get("drift_corrected") or {}
+            if c:
+                lines.append(f"| {r['tag']} | {r['batch']} | all, drift-corrected | | | {100 * c['within_5pct']:.1f}% "
+                             f"within ±5%, {100 * c['within_10pct']:.1f}% within ±10% |")
     s = results.get("speed")
     if s:
         lines += ["", f"Prediction speed: {s['configs']} random resnet50 configurations in {s['seconds']:.2f} s "

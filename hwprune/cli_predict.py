@@ -99,3 +99,10 @@ def validate(table: Path = typer.Option(..., "--table"),
         return
     console.print(f"n={res.n}: {100 * res.within_5pct:.1f}% within ±5%, {100 * res.within_10pct:.1f}% within ±10%, "
                   f"RMSPE {100 * res.rmspe:.2f}%, Spearman {res.spearman:.3f}; plot {png}")
+    for m, d in res.drift.items():
+        console.print(f"host drift {m}: the unpruned model probes at {d['reference_ms']:.3f} ms now, "
+                      f"{d['table_reference_ms']:.3f} ms when profiled (x{d['factor']:.3f})")
+    if res.drift_corrected:
+        c = res.drift_corrected
+        console.print(f"with predictions scaled by the drift: {100 * c['within_5pct']:.1f}% within ±5%, "
+                      f"{100 * c['within_10pct']:.1f}% within ±10%")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -60,6 +60,12 @@ class ValidationResult:
     measure_seconds: float
     #: configurations the predictor was fitted on although a gated profile marked them slow-state
     slow_configs_used: int = 0
+    #: gated runs on a gated table: per model, the unpruned model's probe now against the table's
+    #: (``reference_ms`` / ``table_reference_ms`` = ``factor``): how much faster or slower the host runs
+    #: than when it was profiled
+    drift: dict = field(default_factory=dict)
+    #: the metrics again with every prediction multiplied by its model's drift factor
+    drift_corrected: dict = field(default_factory=dict)
     samples: list[ValidationSample] = field(repr=False, default_factory=list)
 
     def to_dict(self, with_samples: bool = False) -> dict:
@@ -157,6 +163,8 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
         out.append(ValidationSample(m, dict(cfg.widths), p, med, spread, extrapolated))
     if progress:
         progress("", rounds * len(plan), rounds * len(plan))
+    drift = host_drift(table, plan, probes, probe, gate) if gate else {}
+    corrected = [replace(x, predicted_ms=x.predicted_ms * drift[x.model]["factor"]) for x in out if x.model in drift]
     overall = _metrics(out)
     worst = sorted(out, key=lambda x: -abs(x.error))[:5]
     return ValidationResult(
@@ -166,7 +174,24 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
         per_model={m: _metrics([x for x in out if x.model == m]) for m in models},
         settings=dict(s), device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
         measure_seconds=time.perf_counter() - t0, slow_configs_used=getattr(pred, "slow_configs_used_", 0),
-        samples=out)
+        drift=drift, drift_corrected=_metrics(corrected) if len(corrected) == len(out) else {}, samples=out)
+
+
+def host_drift(table: LatencyTable, plan, probes, probe: HostProbe, gate: float) -> dict[str, dict]:
+    """Per model, the median fast-state probe of this run over the median probe of the table's
+    fast-state configurations (gated tables only: ``state_ref_ms``). Both are timings of the same
+    unpruned model with the same short protocol (:data:`hwprune.hoststate.PROBE`)."""
+    e2e = table.e2e
+    if "state_ref_ms" not in e2e:
+        return {}
+    out = {}
+    for m in sorted({m for m, _ in plan}):
+        ref = e2e[(e2e["model"] == m) & (e2e["state_ok"] == True)]["state_ref_ms"].dropna()  # noqa: E712
+        now = [x for (mm, _), pr in zip(plan, probes) if mm == m for x in pr if probe.fast(m, x, gate)]
+        if len(ref) and now:
+            t, n = float(np.median(ref)), float(np.median(now))
+            out[m] = {"table_reference_ms": t, "reference_ms": n, "factor": n / t}
+    return out
 
 
 def plot_validation(result: ValidationResult, path: str | Path, title: str = "") -> Path:

@@ -1,6 +1,7 @@
 """The latency predictor, on a small real table of cifar_resnet20."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -198,3 +199,36 @@ def test_slow_state_configurations_are_left_out_while_enough_others_remain(table
     assert pred.selection_["linear"]["rows"] == 14 - n_slow + used
     assert marked.summary()["slow_state_configs"] == n_slow
     assert LatencyPredictor(min_rows=10).fit(table).slow_configs_used_ == 0  # ungated table: nothing is slow
+
+
+def test_gated_validation_reports_host_drift_against_the_table(table, monkeypatch):
+    """The table's probes of the unpruned model read 0.5 ms; this run's read 1.0 ms: the host runs
+    2x slower than when it was profiled, and the drift-corrected metrics double every prediction."""
+    import hwprune.validate as hv
+    from hwprune.backends import create_backend as real_create
+    from hwprune.measure import MeasureConfig
+
+    rows = table.rows.copy()
+    rows["state_ref_ms"], rows["state_ok"] = 0.5, True
+    gated = LatencyTable(rows, table.meta)
+
+    def create(*a, **k):
+        be = real_create(*a, **k)
+        real = be.measure_e2e
+
+        def scripted(art):
+            m = real(art)
+            if art.name.endswith("/reference"):
+                m.stats.median = 1.0
+            return m
+        be.measure_e2e = scripted
+        return be
+
+    monkeypatch.setattr(hv, "create_backend", create)
+    res = hv.validate(gated, ["cifar_resnet20"], 3, rounds=1, gate=0.5, measure=MeasureConfig.quick())
+    assert res.drift["cifar_resnet20"] == {"table_reference_ms": 0.5, "reference_ms": 1.0, "factor": 2.0}
+    doubled = [replace(s, predicted_ms=2 * s.predicted_ms) for s in res.samples]
+    assert res.drift_corrected == hv._metrics(doubled) and res.drift_corrected["n"] == 3
+    assert res.to_dict()["drift"]["cifar_resnet20"]["factor"] == 2.0
+    plain = hv.validate(table, ["cifar_resnet20"], 1, rounds=1, gate=0.5, measure=MeasureConfig.quick())
+    assert plain.drift == {} and plain.drift_corrected == {}  # an ungated table has no probes to compare with
