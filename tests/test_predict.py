@@ -152,13 +152,10 @@ def test_cli_widths_predict_validate(table_path, tmp_path):
     assert (tmp_path / "v.png").stat().st_size > 1000
 
 
-def test_gated_validation_counts_only_fast_sessions(table_path, monkeypatch):
-    """Scripted host: the second reference timing is 3x slow and the session after it reads 100 ms."""
+def _script_validation_timings(monkeypatch, edit):
+    """Make validation's backend pass every ONNX Runtime timing through ``edit(artifact, measurement)``."""
     import hwprune.validate as hv
     from hwprune.backends import create_backend as real_create
-    from hwprune.table import LatencyTable
-
-    flip = {"n": 0}
 
     def create(*a, **k):
         be = real_create(*a, **k)
@@ -166,19 +163,31 @@ def test_gated_validation_counts_only_fast_sessions(table_path, monkeypatch):
 
         def scripted(art):
             m = real(art)
-            if art.name.endswith("/reference"):
-                flip["n"] += 1
-                if flip["n"] == 2:
-                    m.stats.median *= 3.0
-            else:
-                m.stats.median = 100.0 if flip["n"] == 2 else 1.0  # the session in the slow state
+            edit(art, m)
             return m
         be.measure_e2e = scripted
         return be
 
     monkeypatch.setattr(hv, "create_backend", create)
-    from hwprune.measure import MeasureConfig
+    return hv
 
+
+def test_gated_validation_counts_only_fast_sessions(table_path, monkeypatch):
+    """Scripted host: the second reference timing is 3x slow and the session after it reads 100 ms."""
+    from hwprune.measure import MeasureConfig
+    from hwprune.table import LatencyTable
+
+    flip = {"n": 0}
+
+    def edit(art, m):
+        if art.name.endswith("/reference"):
+            flip["n"] += 1
+            if flip["n"] == 2:
+                m.stats.median *= 3.0
+        else:
+            m.stats.median = 100.0 if flip["n"] == 2 else 1.0  # the session in the slow state
+
+    hv = _script_validation_timings(monkeypatch, edit)
     quick = MeasureConfig.quick()
     res = hv.validate(LatencyTable.load(table_path), ["cifar_resnet20"], 2, rounds=2, gate=0.5, measure=quick)
     assert flip["n"] == 4  # one reference timing before every session
@@ -204,27 +213,17 @@ def test_slow_state_configurations_are_left_out_while_enough_others_remain(table
 def test_gated_validation_reports_host_drift_against_the_table(table, monkeypatch):
     """The table's probes of the unpruned model read 0.5 ms; this run's read 1.0 ms: the host runs
     2x slower than when it was profiled, and the drift-corrected metrics double every prediction."""
-    import hwprune.validate as hv
-    from hwprune.backends import create_backend as real_create
     from hwprune.measure import MeasureConfig
 
     rows = table.rows.copy()
     rows["state_ref_ms"], rows["state_ok"] = 0.5, True
     gated = LatencyTable(rows, table.meta)
 
-    def create(*a, **k):
-        be = real_create(*a, **k)
-        real = be.measure_e2e
+    def edit(art, m):
+        if art.name.endswith("/reference"):
+            m.stats.median = 1.0
 
-        def scripted(art):
-            m = real(art)
-            if art.name.endswith("/reference"):
-                m.stats.median = 1.0
-            return m
-        be.measure_e2e = scripted
-        return be
-
-    monkeypatch.setattr(hv, "create_backend", create)
+    hv = _script_validation_timings(monkeypatch, edit)
     res = hv.validate(gated, ["cifar_resnet20"], 3, rounds=1, gate=0.5, measure=MeasureConfig.quick())
     assert res.drift["cifar_resnet20"] == {"table_reference_ms": 0.5, "reference_ms": 1.0, "factor": 2.0}
     doubled = [replace(s, predicted_ms=2 * s.predicted_ms) for s in res.samples]
