@@ -151,9 +151,9 @@ def quickstart(
     bmeta, pmeta = Checkpoint.load(base).meta, Checkpoint.load(pruned).meta
     speedup = bdoc["speedups"][0]["speedup"] if bdoc.get("speedups") else b["latency_ms"]["median"] / p["latency_ms"]["median"]
     summary = {
-        "device": bdoc["device"].get("cpu_model"), "table": str(table), "table_rows": tab.summary()["rows"],
+        "device": bdoc["device"].get("cpu_model"), "table": str(table), "table_rows": len(tab),
         # configurations profiled while the host stayed slow after the gate budget ran out
-        "table_slow_state_configs": tab.summary()["slow_state_configs"],
+        "table_slow_state_configs": len(tab.slow_items()),
         "predictor": {k: val.get(k) for k in ("n", "within_5pct", "within_10pct", "rmspe", "spearman",
                                               "slow_configs_used")},
         "base": {"measured_ms": b["latency_ms"]["median"], "predicted_ms": b.get("predicted_ms"),

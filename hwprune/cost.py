@@ -29,6 +29,20 @@ class CostModel(Protocol):
     def marginal(self, config: WidthConfig | Mapping[str, int], step: int = 1) -> dict[str, float]: ...
 
 
+def _shifted_totals(cost, config, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Costs of ``config`` and of ``config`` with each group in turn moved by ``step`` channels
+    (clamped to 1..full), and the number of channels each group really moved."""
+    base = cost.template.width_matrix([config])[0]
+    full = cost.template.width_matrix([cost.space.full()])[0]
+    rows = [base]
+    for i in range(len(base)):
+        r = base.copy()
+        r[i] = min(full[i], max(1, r[i] + step))
+        rows.append(r)
+    rows = np.stack(rows)
+    return cost.total(rows).astype(np.float64), np.abs(rows[1:] - base).diagonal()
+
+
 class _Base:
     name = "base"
     unit = ""
@@ -44,14 +58,14 @@ class _Base:
         raise NotImplementedError
 
     def marginal(self, config, step: int = 1) -> dict[str, float]:
-        base = self.template.width_matrix([config])[0]
-        rows = [base]
-        for i in range(len(base)):
-            r = base.copy()
-            r[i] = max(1, r[i] - step)
-            rows.append(r)
-        t = self.total(np.stack(rows)).astype(np.float64)
+        t, _ = _shifted_totals(self, config, -step)
         return {gid: float(t[0] - t[1 + i]) for i, gid in enumerate(self.template.group_ids)}
+
+    def add_back(self, config, step: int = 8) -> dict[str, float]:
+        """Per group, the cost of one more channel at ``config``: the cost of ``step`` more
+        (fewer where the group is nearly whole) divided by their number."""
+        t, moved = _shifted_totals(self, config, step)
+        return {gid: float((t[1 + i] - t[0]) / max(1, moved[i])) for i, gid in enumerate(self.template.group_ids)}
 
     def fraction(self, config) -> float:
         """Cost of ``config`` relative to the unpruned model."""

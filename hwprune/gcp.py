@@ -379,26 +379,17 @@ def materialize(space: PruningSpace, res: GCPResult, widths: WidthConfig, keep: 
 
 
 def _add_back_cost(space: PruningSpace, cost: CostBase, cfg: WidthConfig, step: int = 8) -> dict[str, float]:
-    """Per group, the cost of one channel given back at ``cfg``: the cost of ``step`` more channels
-    (fewer where the group is nearly whole) divided by their number, floored at a hundredth of the
-    mean positive value, because a latency staircase can make a few channels free or even cheaper.
+    """Per group, the cost of one channel given back at ``cfg`` (:meth:`CostBase.add_back`), floored
+    at a hundredth of the mean positive value, because a latency staircase can make a few channels
+    free or even cheaper.
 
     Restoring by BN scale alone favours coupled groups (a residual stream sums the scales of
     every BN it feeds), which are also the most expensive channels to give back.
     """
-    tpl = cost.template
-    base = tpl.width_matrix([cfg])[0]
-    full = tpl.width_matrix([space.full()])[0]
-    rows, adds = [base], []
-    for i in range(len(base)):
-        r = base.copy()
-        r[i] = min(full[i], base[i] + step)
-        adds.append(max(1, int(r[i] - base[i])))
-        rows.append(r)
-    t = cost.total(np.stack(rows)).astype(np.float64)
-    per = np.array([(t[1 + i] - t[0]) / adds[i] for i in range(len(base))])
-    floor = 0.01 * float(per[per > 0].mean()) if (per > 0).any() else 1.0
-    return {gid: float(max(per[i], floor)) for i, gid in enumerate(tpl.group_ids)}
+    per = cost.add_back(cfg, step)
+    pos = [v for v in per.values() if v > 0]
+    floor = 0.01 * float(np.mean(pos)) if pos else 1.0
+    return {gid: max(v, floor) for gid, v in per.items()}
 
 
 def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig, keep: dict[str, list[int]],

@@ -202,10 +202,10 @@ class LatencyPredictor:
         taken off every node before the layers are summed.
         """
         rows = table.rows
-        slow = rows["state_ok"].map(lambda v: v is False or v is np.False_)  # gated runs: bracket stayed slow
-        slow_items = set(rows.loc[slow, "item"])
+        slow_items = table.slow_items()  # gated runs: the bracket stayed slow
         self.slow_configs_used_ = len(slow_items)  # configurations timed in the host's slow state, fitted on
-        if drop_slow and slow_items and rows.loc[~slow, "source"].eq("e2e").sum() >= 5:
+        fast_e2e = rows["source"].eq("e2e") & ~rows["item"].isin(slow_items)
+        if drop_slow and slow_items and fast_e2e.sum() >= 5:
             self.slow_configs_used_ = 0
             rows = rows[~rows["item"].isin(slow_items)]
         batch = int(table.settings.get("batch") or 1)
@@ -303,7 +303,7 @@ class LatencyPredictor:
         if len(table.e2e) == 0:
             raise HwpruneError("the table has no end-to-end rows to calibrate a predictor on")
         ts, fits, sums = self._training_set(table)
-        if any(len(y) < self.min_rows for y in ts.y.values()) and (table.e2e["state_ok"] == False).any():  # noqa: E712
+        if any(len(y) < self.min_rows for y in ts.y.values()) and table.slow_items():
             # too few fast-state rows for some unit kind: fit on every row rather than not at all,
             # and say so (slow_configs_used_ counts the slow-state configurations fitted on)
             ts, fits, sums = self._training_set(table, drop_slow=False)

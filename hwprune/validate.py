@@ -184,9 +184,9 @@ def host_drift(table: LatencyTable, plan, probes, probe: HostProbe, gate: float)
     e2e = table.e2e
     if "state_ref_ms" not in e2e:
         return {}
-    out = {}
+    slow, out = table.slow_items(), {}
     for m in sorted({m for m, _ in plan}):
-        ref = e2e[(e2e["model"] == m) & (e2e["state_ok"] == True)]["state_ref_ms"].dropna()  # noqa: E712
+        ref = e2e[(e2e["model"] == m) & ~e2e["item"].isin(slow)]["state_ref_ms"].dropna()
         now = [x for (mm, _), pr in zip(plan, probes) if mm == m for x in pr if probe.fast(m, x, gate)]
         if len(ref) and now:
             t, n = float(np.median(ref)), float(np.median(now))
