@@ -106,3 +106,8 @@ def validate(table: Path = typer.Option(..., "--table"),
         c = res.drift_corrected
         console.print(f"with predictions scaled by the drift: {100 * c['within_5pct']:.1f}% within ±5%, "
                       f"{100 * c['within_10pct']:.1f}% within ±10%")
+    if res.repeatability:
+        r = res.repeatability
+        console.print(f"measured against measured (one session vs the median of the others): "
+                      f"{100 * r['within_5pct']:.1f}% within ±5%, {100 * r['within_10pct']:.1f}% within ±10% "
+                      f"(the ceiling these measurements allow)")

@@ -40,6 +40,7 @@ class ValidationSample:
     measured_ms: float  # median over fresh sessions
     session_spread: float  # max/min - 1 of the session medians
     extrapolated: bool
+    sessions_ms: list = field(default_factory=list)  # the medians of the sessions that counted
 
     @property
     def error(self) -> float:
@@ -66,6 +67,10 @@ class ValidationResult:
     drift: dict = field(default_factory=dict)
     #: the metrics again with every prediction multiplied by its model's drift factor
     drift_corrected: dict = field(default_factory=dict)
+    #: measured against measured (2+ sessions per configuration): how often one session lands within
+    #: 5% and 10% of the median of the configuration's other sessions, the ceiling of any predictor
+    #: judged by these measurements on this machine
+    repeatability: dict = field(default_factory=dict)
     samples: list[ValidationSample] = field(repr=False, default_factory=list)
 
     def to_dict(self, with_samples: bool = False) -> dict:
@@ -160,7 +165,7 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
             st = fast or st
         med = float(np.median([x.median for x in st]))
         spread = float(max(x.median for x in st) / min(x.median for x in st) - 1)
-        out.append(ValidationSample(m, dict(cfg.widths), p, med, spread, extrapolated))
+        out.append(ValidationSample(m, dict(cfg.widths), p, med, spread, extrapolated, [x.median for x in st]))
     if progress:
         progress("", rounds * len(plan), rounds * len(plan))
     drift = host_drift(table, plan, probes, probe, gate) if gate else {}
@@ -174,7 +179,22 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
         per_model={m: _metrics([x for x in out if x.model == m]) for m in models},
         settings=dict(s), device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
         measure_seconds=time.perf_counter() - t0, slow_configs_used=getattr(pred, "slow_configs_used_", 0),
-        drift=drift, drift_corrected=_metrics(corrected) if len(corrected) == len(out) else {}, samples=out)
+        drift=drift, drift_corrected=_metrics(corrected) if len(corrected) == len(out) else {},
+        repeatability=repeatability(out), samples=out)
+
+
+def repeatability(samples: Sequence[ValidationSample]) -> dict:
+    """Leave-one-session-out agreement of the measurements with themselves (empty with 1 session)."""
+    errs = []
+    for x in samples:
+        v = np.asarray(x.sessions_ms, dtype=float)
+        for i in range(len(v) if len(v) >= 2 else 0):
+            others = float(np.median(np.delete(v, i)))
+            errs.append(abs(v[i] / others - 1))
+    if not errs:
+        return {}
+    e = np.asarray(errs)
+    return {"pairs": len(e), "within_5pct": float(np.mean(e <= 0.05)), "within_10pct": float(np.mean(e <= 0.10))}
 
 
 def host_drift(table: LatencyTable, plan, probes, probe: HostProbe, gate: float) -> dict[str, dict]:

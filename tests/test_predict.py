@@ -231,3 +231,16 @@ def test_gated_validation_reports_host_drift_against_the_table(table, monkeypatc
     assert res.to_dict()["drift"]["cifar_resnet20"]["factor"] == 2.0
     plain = hv.validate(table, ["cifar_resnet20"], 1, rounds=1, gate=0.5, measure=MeasureConfig.quick())
     assert plain.drift == {} and plain.drift_corrected == {}  # an ungated table has no probes to compare with
+
+
+def test_repeatability_compares_each_session_with_the_others():
+    """Sessions of 1.00, 1.02 and 1.20 ms: each is compared with the median of the other two."""
+    from hwprune.validate import ValidationSample, repeatability
+
+    s = ValidationSample("m", {}, 1.0, 1.02, 0.2, False, [1.0, 1.02, 1.2])
+    r = repeatability([s])
+    # session 1 vs median(1.02, 1.2) = 1.11: 9.9%; session 2 vs 1.1: 7.3%; session 3 vs 1.01: 18.8%
+    assert r == {"pairs": 3, "within_5pct": 0.0, "within_10pct": pytest.approx(2 / 3)}
+    steady = ValidationSample("m", {}, 1.0, 1.0, 0.01, False, [1.0, 1.01])
+    assert repeatability([steady])["within_5pct"] == 1.0
+    assert repeatability([ValidationSample("m", {}, 1.0, 1.0, 0.0, False, [1.0])]) == {}  # one session: no ceiling
