@@ -71,6 +71,48 @@ def run(models, batch, samples, tag, gate=None):
     return d, pred
 
 
+def repredict(r: dict) -> dict:
+    """Predict a run's stored measurements again with the current predictor (no new measurement).
+
+    The tables and the measured configurations stay the same; only the fit and the
+    predictions are redone. The first predictions' metrics are kept under ``as_measured``.
+    """
+    import subprocess
+
+    from hwprune.predict import LatencyPredictor
+    from hwprune.validate import ValidationSample, _metrics, plot_validation, repeatability
+    from hwprune.space import WidthConfig
+
+    table = load(r["models"], r["batch"])
+    t0 = time.perf_counter()
+    pred = LatencyPredictor().fit(table)
+    fit_s = time.perf_counter() - t0
+    keep = ("within_5pct", "within_10pct", "rmspe", "spearman", "per_model")
+    r.setdefault("as_measured", {k: r[k] for k in keep})
+    samples = []
+    for x in r["samples"]:
+        p, layers = pred.predict_layers(x["model"], WidthConfig(x["model"], x["widths"]))
+        samples.append(ValidationSample(x["model"], x["widths"], p, x["measured_ms"], x["session_spread"],
+                                        any(l.extrapolated for l in layers), x.get("sessions_ms", [])))
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    r.update(_metrics(samples))
+    r["per_model"] = {m: _metrics([s for s in samples if s.model == m]) for m in r["models"]}
+    r["worst"] = [{"model": w.model, "predicted_ms": w.predicted_ms, "measured_ms": w.measured_ms, "error": w.error,
+                   "extrapolated": w.extrapolated, "widths": w.widths}
+                  for w in sorted(samples, key=lambda s: -abs(s.error))[:5]]
+    r["samples"] = [{**x, "predicted_ms": s.predicted_ms, "extrapolated": s.extrapolated, "error": s.error}
+                    for x, s in zip(r["samples"], samples)]
+    r["repeatability"] = repeatability(samples)
+    r.update({"fit_seconds": fit_s, "selection": pred.selection_,
+              "repredicted": f"predictions re-made on {time.strftime('%Y-%m-%d')} by the predictor of commit {rev} "
+                             "(on top of it: uncommitted changes, if any); measurements unchanged"})
+    res = type("R", (), {"samples": samples})
+    png = ROOT / r["plot"]
+    plot_validation(res, png, title=f"{r['tag']}, batch {r['batch']}: n={r['n']}, {100 * r['within_5pct']:.0f}% within "
+                                    f"±5%, {100 * r['within_10pct']:.0f}% within ±10%")
+    return r
+
+
 def speed(pred) -> dict:
     from hwprune.space import PruningSpace
 
@@ -182,8 +224,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="validate the tables in latency_tables/onnxruntime-cpu-tN-bB (results: predictor_tN.*)")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="fresh sessions per configuration")
+    ap.add_argument("--repredict", action="store_true",
+                    help="fit the predictor again and re-predict the stored measurements (nothing is measured)")
     args = ap.parse_args()
     THREADS, ROUNDS = args.threads, args.rounds
+    if args.repredict:
+        results = json.loads((RESULTS / f"{stem()}.json").read_text())
+        results["runs"] = [repredict(r) for r in results["runs"]]
+        write(results)
+        print((RESULTS / f"{stem()}.md").read_text())
+        return
     if args.rewrite:
         write(json.loads((RESULTS / f"{stem()}.json").read_text()))
         print((RESULTS / f"{stem()}.md").read_text())

@@ -244,3 +244,38 @@ def test_repeatability_compares_each_session_with_the_others():
     steady = ValidationSample("m", {}, 1.0, 1.0, 0.01, False, [1.0, 1.01])
     assert repeatability([steady])["within_5pct"] == 1.0
     assert repeatability([ValidationSample("m", {}, 1.0, 1.0, 0.0, False, [1.0])]) == {}  # one session: no ceiling
+
+
+def test_nodes_after_a_layer_are_charged_to_it():
+    """Whatever runs on a layer's output before the next layer (a fused SiLU, a pooling, a
+    reorder, an unfused Add) is that layer's cost; nothing runs before the first layer."""
+    import pandas as pd
+
+    from hwprune.predict import _attribute
+
+    rows = pd.DataFrame({
+        "layer": ["", "conv1", "", "block.avgpool", "fc1", "", "block", "conv2"],
+        "op": ["ReorderInput", "nchwc.Conv", "QuickGelu", "nchwc.GlobalAveragePool", "Conv", "ReorderOutput", "Mul",
+               "Conv"]})
+    got = _attribute(rows, {"conv1", "fc1", "conv2"})
+    assert got.isna().tolist() == [True] + [False] * 7
+    assert got.tolist()[1:] == ["conv1", "conv1", "conv1", "fc1", "fc1", "fc1", "conv2"]
+
+
+@pytest.mark.parametrize("calibration", ["cross-fitted", "measured"])
+def test_calibration_maps_layer_sums_to_end_to_end_time(table, space, calibration):
+    """cross-fitted: a power law fitted on out-of-fold predicted layer sums (so a regressor's bias
+    at small or large layers is corrected); measured: a line fitted on the measured layer sums."""
+    pred = LatencyPredictor(calibration=calibration).fit(table)
+    f = pred.models_["cifar_resnet20"]
+    assert f.log == (calibration == "cross-fitted")
+    total, layers = pred.predict_layers("cifar_resnet20", space.uniform(0.5))
+    s = sum(l.predicted_ms for l in layers)
+    want = np.exp(f.intercept) * s ** f.slope if f.log else f.slope * s + f.intercept
+    assert total == pytest.approx(want) and total > 0
+    # the table's own configurations come back close to their measurements
+    e2e = table.e2e
+    p = pred.predict("cifar_resnet20", [json.loads(w) for w in e2e["widths"]])
+    assert np.median(np.abs(p / e2e["median_ms"].to_numpy() - 1)) < 0.25
+    with pytest.raises(HwpruneError, match="unknown calibration 'nope'"):
+        LatencyPredictor(calibration="nope").fit(table)
