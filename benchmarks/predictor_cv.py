@@ -2,7 +2,7 @@
 
 Run from the repository root (no measurement, any load is fine):
 
-    python benchmarks/predictor_cv.py --threads 1 --calibrations measured,cross-fitted
+    python benchmarks/predictor_cv.py --threads 1 --calibrations measured,cross-fitted,auto
 
 For each table set (batch 1 and batch 8 of resnet18, resnet50, mobilenet_v2 and
 cifar_resnet56; batch 1 of the two families kept out of the design), the merged table's
@@ -38,7 +38,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calibrations", default="measured,cross-fitted")
+    ap.add_argument("--calibrations", default="measured,cross-fitted,auto")
     ap.add_argument("--folds", type=int, default=4)
     args = ap.parse_args()
     runs = []

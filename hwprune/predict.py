@@ -131,6 +131,35 @@ class _ModelFit:
 
 
 # ---------------------------------------------------------------------------------------
+# Calibration: summed layer times -> end-to-end time, per model
+# ---------------------------------------------------------------------------------------
+CALIBRATIONS = ("auto", "cross-fitted", "measured")
+
+
+def _calibrate(kind: str, measured: np.ndarray, oof: np.ndarray, e2e: np.ndarray) -> tuple[float, float, bool]:
+    """(slope, intercept, log) of one map: a power law on out-of-fold predicted sums, or a
+    line on measured sums."""
+    if kind == "cross-fitted":
+        A = np.stack([np.log(oof), np.ones(len(oof))], axis=1)
+        a, b = np.linalg.lstsq(A, np.log(e2e), rcond=None)[0]
+        return float(a), float(b), True
+    A = np.stack([measured, np.ones(len(measured))], axis=1)
+    a, b = np.linalg.lstsq(A, e2e, rcond=None)[0]
+    return float(a), float(b), False
+
+
+def _calibration_loo(kind: str, measured: np.ndarray, oof: np.ndarray, e2e: np.ndarray) -> float:
+    """Leave-one-configuration-out RMSPE of a map, applied as at prediction time: to the
+    held-out configuration's out-of-fold predicted sum."""
+    err = []
+    for i in range(len(e2e)):
+        m = np.arange(len(e2e)) != i
+        f = _ModelFit(None, *_calibrate(kind, measured[m], oof[m], e2e[m]))
+        err.append(float(f(oof[i])) / e2e[i] - 1)
+    return float(np.sqrt(np.mean(np.square(err))))
+
+
+# ---------------------------------------------------------------------------------------
 # The predictor
 # ---------------------------------------------------------------------------------------
 def _candidates(seed: int) -> dict[str, object]:
@@ -173,7 +202,7 @@ class LatencyPredictor:
     """
 
     def __init__(self, regressor: str = "auto", min_rows: int = 10, cv_folds: int = 3, random_state: int = 0,
-                 selection_rows: int = 4000, calibration: str = "cross-fitted"):
+                 selection_rows: int = 4000, calibration: str = "auto"):
         self.regressor = regressor
         self.calibration = calibration
         self.min_rows = min_rows
@@ -316,8 +345,11 @@ class LatencyPredictor:
         """Fit one regressor per unit kind, then each model's overhead term.
 
         The overhead term maps the sum of a configuration's layer times to its measured
-        end-to-end time, per model. With ``calibration="cross-fitted"`` (the default) it
-        is a power law, ``exp(b) * sum ** a``, fitted in log space on *out-of-fold*
+        end-to-end time, per model. With ``calibration="auto"`` (the default) each model
+        gets whichever of the two maps below has the lower leave-one-configuration-out
+        error on the table (both applied to out-of-fold predicted sums, as at prediction
+        time; the choice is in ``selection_["calibration"]``). With
+        ``calibration="cross-fitted"`` it is a power law, ``exp(b) * sum ** a``, fitted in log space on *out-of-fold*
         predicted layer sums (each configuration's layers predicted by regressors fitted
         without that configuration, ``cv_folds`` folds): it then corrects what the
         regressors get wrong for a whole model, such as over-predicting every small layer
@@ -325,9 +357,8 @@ class LatencyPredictor:
         unprofiled session by a share that grows as the layers shrink. Out-of-fold rather
         than in-sample predictions, because in-sample ones fit the noise and would make the
         map an identity. With ``"measured"`` it is a line fitted on the measured layer sums
-        (the choice before session 6). Chosen by cross-validation on the tables
-        (``benchmarks/predictor_cv.py``): ±5% accuracy 74% vs 71% at batch 1, 66% vs 62%
-        at batch 8.
+        (the choice before session 6). Compared by cross-validation on the tables in
+        ``benchmarks/predictor_cv.py``.
         """
         from sklearn.base import clone
 
@@ -348,38 +379,41 @@ class LatencyPredictor:
         self.selection_: dict[str, dict] = {}
         self.ranges_ = ts.ranges
         cands = _candidates(self.random_state)
-        layer_sum: dict[str, float] = {}  # measured (target) time of each configuration's layers
+        measured_sum: dict[str, float] = {}  # measured (target) time of each configuration's layers
+        oof_sum: dict[str, float] = {}  # the same, predicted by regressors fitted without that configuration
         for k, y in ts.y.items():
             if len(y) < self.min_rows:
                 raise HwpruneError(f"the table is too small to fit the '{k}' regressor: {len(y)} layer rows, "
                                    f"need {self.min_rows}", "profile more configurations (--configs)")
-        if self.calibration not in ("cross-fitted", "measured"):
-            raise HwpruneError(f"unknown calibration '{self.calibration}'", "choose cross-fitted or measured")
-        crossfit = self.calibration == "cross-fitted"
+        if self.calibration not in CALIBRATIONS:
+            raise HwpruneError(f"unknown calibration '{self.calibration}'", f"choose {', '.join(CALIBRATIONS)}")
+        crossfit = self.calibration != "measured"
         for k, y in ts.y.items():
             # one OpenMP thread: the fits are small, and spinning OpenMP workers made them 20x slower
             # whenever another process (a training run, a measurement) held the other core
             with threadpool_limits(1):
                 name, scores, _ = self._select(ts.X[k], y, ts.groups[k])
                 self.estimators_[k] = clone(cands[name]).fit(ts.X[k], np.log(y))
-                v = self._out_of_fold(cands[name], ts.X[k], y, ts.groups[k]) if crossfit else y
+                oof = self._out_of_fold(cands[name], ts.X[k], y, ts.groups[k]) if crossfit else y
             self.selection_[k] = {"chosen": name, "cv_rmspe": scores, "rows": int(len(y))}
-            for g, t in zip(ts.groups[k], v):
-                layer_sum[g] = layer_sum.get(g, 0.0) + float(t)
+            for g, v, o in zip(ts.groups[k], y, oof):
+                measured_sum[g] = measured_sum.get(g, 0.0) + float(v)
+                oof_sum[g] = oof_sum.get(g, 0.0) + float(o)
         for model, f in fits.items():
             s = sums[sums["model"] == model]
-            x = np.array([layer_sum.get(f"{model}/{i}", np.nan) for i in s["item"]])
+            x = np.array([measured_sum.get(f"{model}/{i}", np.nan) for i in s["item"]])
+            xo = np.array([oof_sum.get(f"{model}/{i}", np.nan) for i in s["item"]])
             ok = np.isfinite(x)
-            e2e = s["e2e"].to_numpy()[ok]
-            if ok.sum() >= 3 and crossfit:
-                A = np.stack([np.log(x[ok]), np.ones(ok.sum())], axis=1)
-                f.slope, f.intercept = (float(v) for v in np.linalg.lstsq(A, np.log(e2e), rcond=None)[0])
-                f.log = True
-            elif ok.sum() >= 3:
-                A = np.stack([x[ok], np.ones(ok.sum())], axis=1)
-                f.slope, f.intercept = (float(v) for v in np.linalg.lstsq(A, e2e, rcond=None)[0])
-            else:  # too few configurations for a slope: keep the sum, correct the mean gap
-                f.slope, f.intercept = 1.0, float(np.mean(e2e - x[ok])) if ok.any() else 0.0
+            x, xo, e2e = x[ok], xo[ok], s["e2e"].to_numpy()[ok]
+            if ok.sum() < 3:  # too few configurations for a slope: keep the sum, correct the mean gap
+                f.slope, f.intercept = 1.0, float(np.mean(e2e - x)) if ok.any() else 0.0
+                continue
+            choice = self.calibration
+            if choice == "auto":  # the map whose leave-one-out error on out-of-fold sums is lower
+                errs = {c: _calibration_loo(c, x, xo, e2e) for c in ("cross-fitted", "measured")}
+                choice = min(errs, key=errs.get)
+                self.selection_.setdefault("calibration", {})[model] = {"chosen": choice, "loo_rmspe": errs}
+            f.slope, f.intercept, f.log = _calibrate(choice, x, xo, e2e)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 

@@ -51,8 +51,11 @@ def test_template_channels_follow_the_groups(space):
 
 
 def test_fit_selects_a_regressor_per_kind_by_validation(predictor):
-    assert set(predictor.selection_) == {"conv", "linear"}
-    for sel in predictor.selection_.values():
+    assert set(predictor.selection_) == {"conv", "linear", "calibration"}
+    kinds = dict(predictor.selection_)
+    cal = kinds.pop("calibration")["cifar_resnet20"]  # the per-model map, chosen the same way
+    assert cal["chosen"] == min(cal["loo_rmspe"], key=cal["loo_rmspe"].get)
+    for sel in kinds.values():
         assert sel["chosen"] in sel["cv_rmspe"] and sel["rows"] > 0
         assert sel["cv_rmspe"][sel["chosen"]] == min(sel["cv_rmspe"].values())
     assert predictor.fit_seconds_ > 0
