@@ -78,6 +78,7 @@ def repredict(r: dict) -> dict:
     predictions are redone. The first predictions' metrics are kept under ``as_measured``.
     """
     import subprocess
+    from dataclasses import replace as dc_replace
 
     from hwprune.predict import LatencyPredictor
     from hwprune.validate import ValidationSample, _metrics, plot_validation, repeatability
@@ -103,6 +104,10 @@ def repredict(r: dict) -> dict:
     r["samples"] = [{**x, "predicted_ms": s.predicted_ms, "extrapolated": s.extrapolated, "error": s.error}
                     for x, s in zip(r["samples"], samples)]
     r["repeatability"] = repeatability(samples)
+    if r.get("drift"):  # the drift factors are measurements; the corrected metrics follow the new predictions
+        f = {m: d["factor"] for m, d in r["drift"].items()}
+        fixed = [dc_replace(s, predicted_ms=s.predicted_ms * f[s.model]) for s in samples if s.model in f]
+        r["drift_corrected"] = _metrics(fixed) if len(fixed) == len(samples) else {}
     r.update({"fit_seconds": fit_s, "selection": pred.selection_,
               "repredicted": f"predictions re-made on {time.strftime('%Y-%m-%d')} by the predictor of commit {rev} "
                              "(on top of it: uncommitted changes, if any); measurements unchanged"})
@@ -161,6 +166,19 @@ def write(results: dict) -> None:
         for m, pm in r["per_model"].items():
             lines.append(f"| &nbsp;&nbsp;{m} | {r['batch']} | | {pm['n']} | {100 * pm['within_5pct']:.1f}% | "
                          f"{100 * pm['within_10pct']:.1f}% | {100 * pm['rmspe']:.2f}% | {pm['spearman']:.3f} | |")
+    redone = [r for r in results["runs"] if r.get("as_measured")]
+    if redone:
+        lines += ["", f"The predictions above were re-made on the stored measurements ({redone[0]['repredicted']}). "
+                      "The predictions made when the configurations were measured, by the predictor of that time "
+                      f"({results.get('measured_with', 'see the notes')}):", "",
+                  "| run | batch | within ±5% | within ±10% | RMSPE | Spearman |", "|---|---|---|---|---|---|"]
+        for r in redone:
+            a = r["as_measured"]
+            lines.append(f"| {r['tag']} | {r['batch']} | {100 * a['within_5pct']:.1f}% | {100 * a['within_10pct']:.1f}% | "
+                         f"{100 * a['rmspe']:.2f}% | {a['spearman']:.3f} |")
+            for m, pm in a["per_model"].items():
+                lines.append(f"| &nbsp;&nbsp;{m} | {r['batch']} | {100 * pm['within_5pct']:.1f}% | "
+                             f"{100 * pm['within_10pct']:.1f}% | {100 * pm['rmspe']:.2f}% | {pm['spearman']:.3f} |")
     lines += ["", f"Reproducibility of the measurements themselves: each configuration was measured in {rounds} fresh "
                   "sessions. The spread between them (max/min - 1), how often one session landed within 5% and 10% of "
                   "the median of the configuration's other sessions (measured against measured: the ceiling these "
