@@ -105,8 +105,12 @@ class PruningSpace:
     # -- groups --------------------------------------------------------------------
     def _dependency_graph(self, model: nn.Module):
         x = torch.randn(self.input_shape)
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        try:
+            with torch.enable_grad():
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        except Exception as e:  # a graph Torch-Pruning cannot follow (e.g. shufflenet's channel shuffle)
+            raise HwpruneError(f"Torch-Pruning cannot trace the channel dependencies of '{self.name}' "
+                               f"({type(e).__name__}: {e})", "this model family is not supported yet") from None
         mods = dict(model.named_modules())
         ignored = [mods[n] for n in self._ignored_names if n in mods]
         return dg, ignored

@@ -101,3 +101,9 @@ def test_width_config_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(HwpruneError, match="not valid JSON"):
         WidthConfig.load(tmp_path / "bad.json")
+
+
+def test_a_model_torch_pruning_cannot_trace_is_one_clear_error():
+    """shufflenet's channel shuffle (a reshape across groups) breaks Torch-Pruning's index mapping."""
+    with pytest.raises(HwpruneError, match="cannot trace the channel dependencies of 'shufflenet_v2_x0_5'"):
+        PruningSpace.from_name("shufflenet_v2_x0_5")
