@@ -78,11 +78,11 @@ def repredict(r: dict) -> dict:
     predictions are redone. The first predictions' metrics are kept under ``as_measured``.
     """
     import subprocess
-    from dataclasses import replace as dc_replace
+    from types import SimpleNamespace
 
     from hwprune.predict import LatencyPredictor
-    from hwprune.validate import ValidationSample, _metrics, plot_validation, repeatability
     from hwprune.space import WidthConfig
+    from hwprune.validate import ValidationSample, plot_validation, score
 
     table = load(r["models"], r["batch"])
     t0 = time.perf_counter()
@@ -96,25 +96,16 @@ def repredict(r: dict) -> dict:
         samples.append(ValidationSample(x["model"], x["widths"], p, x["measured_ms"], x["session_spread"],
                                         any(l.extrapolated for l in layers), x.get("sessions_ms", [])))
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    r.update(_metrics(samples))
-    r["per_model"] = {m: _metrics([s for s in samples if s.model == m]) for m in r["models"]}
-    r["worst"] = [{"model": w.model, "predicted_ms": w.predicted_ms, "measured_ms": w.measured_ms, "error": w.error,
-                   "extrapolated": w.extrapolated, "widths": w.widths}
-                  for w in sorted(samples, key=lambda s: -abs(s.error))[:5]]
+    # the drift factors are measurements; the drift-corrected metrics follow the new predictions
+    r.update(score(samples, r["models"], r.get("drift")))
     r["samples"] = [{**x, "predicted_ms": s.predicted_ms, "extrapolated": s.extrapolated, "error": s.error}
                     for x, s in zip(r["samples"], samples)]
-    r["repeatability"] = repeatability(samples)
-    if r.get("drift"):  # the drift factors are measurements; the corrected metrics follow the new predictions
-        f = {m: d["factor"] for m, d in r["drift"].items()}
-        fixed = [dc_replace(s, predicted_ms=s.predicted_ms * f[s.model]) for s in samples if s.model in f]
-        r["drift_corrected"] = _metrics(fixed) if len(fixed) == len(samples) else {}
     r.update({"fit_seconds": fit_s, "selection": pred.selection_,
               "repredicted": f"predictions re-made on {time.strftime('%Y-%m-%d')} by the predictor of commit {rev} "
                              "(on top of it: uncommitted changes, if any); measurements unchanged"})
-    res = type("R", (), {"samples": samples})
-    png = ROOT / r["plot"]
-    plot_validation(res, png, title=f"{r['tag']}, batch {r['batch']}: n={r['n']}, {100 * r['within_5pct']:.0f}% within "
-                                    f"±5%, {100 * r['within_10pct']:.0f}% within ±10%")
+    plot_validation(SimpleNamespace(samples=samples), ROOT / r["plot"],
+                    title=f"{r['tag']}, batch {r['batch']}: n={r['n']}, {100 * r['within_5pct']:.0f}% within "
+                          f"±5%, {100 * r['within_10pct']:.0f}% within ±10%")
     return r
 
 
@@ -134,16 +125,9 @@ def speed(pred) -> dict:
             "marginal_costs_seconds": mc, "predicted_ms_range": [float(p.min()), float(p.max())]}
 
 
-def _leave_one_out(samples: list[dict]) -> np.ndarray:
-    """|one session / median of the configuration's other sessions - 1|, over all sessions."""
-    out = []
-    for x in samples:
-        v = np.asarray(x.get("sessions_ms") or [], dtype=float)
-        out += [abs(v[i] / np.median(np.delete(v, i)) - 1) for i in range(len(v) if len(v) >= 2 else 0)]
-    return np.asarray(out)
-
-
 def write(results: dict) -> None:
+    from hwprune.validate import session_deviations
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     slim = json.loads(json.dumps(results, default=float))
     (RESULTS / f"{stem()}.json").write_text(json.dumps(slim, indent=1) + "\n")
@@ -196,7 +180,7 @@ def write(results: dict) -> None:
             steady = sp < 0.02
             w5 = f"{100 * np.mean(err[steady] <= 0.05):.0f}%" if steady.any() else "-"
             w10 = f"{100 * np.mean(err[steady] <= 0.10):.0f}%" if steady.any() else "-"
-            loo = _leave_one_out(ss)
+            loo = session_deviations(x.get("sessions_ms") or [] for x in ss)
             r5 = f"{100 * np.mean(loo <= 0.05):.0f}%" if len(loo) else "-"
             r10 = f"{100 * np.mean(loo <= 0.10):.0f}%" if len(loo) else "-"
             lines.append(f"| {r['tag']} | {r['batch']} | {m} | {100 * np.median(sp):.1f}% | "

@@ -75,7 +75,7 @@ from hwprune.measure import MeasureConfig
 be = create_backend("onnxruntime", threads=%d, measure=MeasureConfig(warmup_s=0.2, min_time_s=1.0))
 m = be.measure_e2e(ModelArtifact((1, 3, 224, 224), onnx_path=sys.argv[1]))
 print(json.dumps({"median": m.stats.median, "cov": m.stats.cov, "rcov": m.stats.rcov, "count": m.stats.count}))
-""" % THREADS
+"""
 
 
 def stability(runs: int = 5) -> dict:
@@ -91,7 +91,8 @@ def stability(runs: int = 5) -> dict:
     out = []
     try:
         for _ in range(runs):
-            r = subprocess.run([sys.executable, "-c", STABILITY, str(path)], capture_output=True, text=True, check=True)
+            r = subprocess.run([sys.executable, "-c", STABILITY % THREADS, str(path)], capture_output=True, text=True,
+                               check=True)
             out.append(json.loads(r.stdout))
     finally:
         path.unlink(missing_ok=True)

@@ -378,7 +378,7 @@ def materialize(space: PruningSpace, res: GCPResult, widths: WidthConfig, keep: 
     return pruned.eval()
 
 
-def _add_back_cost(space: PruningSpace, cost: CostBase, cfg: WidthConfig, step: int = 8) -> dict[str, float]:
+def _add_back_cost(cost: CostBase, cfg: WidthConfig, step: int = 8) -> dict[str, float]:
     """Per group, the cost of one channel given back at ``cfg`` (:meth:`CostBase.add_back`), floored
     at a hundredth of the mean positive value, because a latency staircase can make a few channels
     free or even cheaper.
@@ -439,7 +439,7 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
                 if cost.total([current()])[0] / base_cost <= goal:
                     break
         else:  # well under the target: give back the pruned channels with the most BN scale per unit cost
-            unit = _add_back_cost(space, cost, current())
+            unit = _add_back_cost(cost, current())
             cands = sorted(((-float(prior[g.id][i]) / unit[g.id], gi, int(i)) for gi, g in enumerate(space.groups)
                             for i in np.nonzero(~alive[g.id])[0]))
             for _, gi, i in cands:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -169,31 +169,45 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     if progress:
         progress("", rounds * len(plan), rounds * len(plan))
     drift = host_drift(table, plan, probes, probe, gate) if gate else {}
-    corrected = [replace(x, predicted_ms=x.predicted_ms * drift[x.model]["factor"]) for x in out if x.model in drift]
-    overall = _metrics(out)
-    worst = sorted(out, key=lambda x: -abs(x.error))[:5]
     return ValidationResult(
-        **overall,
-        worst=[{"model": w.model, "predicted_ms": w.predicted_ms, "measured_ms": w.measured_ms, "error": w.error,
-                "extrapolated": w.extrapolated, "widths": w.widths} for w in worst],
-        per_model={m: _metrics([x for x in out if x.model == m]) for m in models},
-        settings=dict(s), device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
+        **score(out, models, drift), settings=dict(s),
+        device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
         measure_seconds=time.perf_counter() - t0, slow_configs_used=getattr(pred, "slow_configs_used_", 0),
-        drift=drift, drift_corrected=_metrics(corrected) if len(corrected) == len(out) else {},
-        repeatability=repeatability(out), samples=out)
+        drift=drift, samples=out)
+
+
+def score(samples: Sequence[ValidationSample], models: Sequence[str], drift: dict | None = None) -> dict:
+    """Everything a validation reports about its samples (the :class:`ValidationResult` fields
+    that do not describe the run): the metrics overall and per model, the worst cases, the
+    metrics with predictions scaled by ``drift`` (when every model has a factor) and the
+    measurements' repeatability."""
+    drift = drift or {}
+    corrected = [replace(x, predicted_ms=x.predicted_ms * drift[x.model]["factor"])
+                 for x in samples if x.model in drift]
+    worst = sorted(samples, key=lambda x: -abs(x.error))[:5]
+    return {**_metrics(samples),
+            "worst": [{"model": w.model, "predicted_ms": w.predicted_ms, "measured_ms": w.measured_ms,
+                       "error": w.error, "extrapolated": w.extrapolated, "widths": w.widths} for w in worst],
+            "per_model": {m: _metrics([x for x in samples if x.model == m]) for m in models},
+            "drift_corrected": _metrics(corrected) if corrected and len(corrected) == len(samples) else {},
+            "repeatability": repeatability(samples)}
+
+
+def session_deviations(sessions: Iterable[Sequence[float]]) -> np.ndarray:
+    """|one session / median of the same configuration's other sessions - 1|, over every session
+    of every configuration that has at least two."""
+    out = []
+    for v in sessions:
+        v = np.asarray(v, dtype=float)
+        out += [abs(v[i] / np.median(np.delete(v, i)) - 1) for i in range(len(v) if len(v) >= 2 else 0)]
+    return np.asarray(out)
 
 
 def repeatability(samples: Sequence[ValidationSample]) -> dict:
     """Leave-one-session-out agreement of the measurements with themselves (empty with 1 session)."""
-    errs = []
-    for x in samples:
-        v = np.asarray(x.sessions_ms, dtype=float)
-        for i in range(len(v) if len(v) >= 2 else 0):
-            others = float(np.median(np.delete(v, i)))
-            errs.append(abs(v[i] / others - 1))
-    if not errs:
+    e = session_deviations(x.sessions_ms for x in samples)
+    if not len(e):
         return {}
-    e = np.asarray(errs)
     return {"pairs": len(e), "within_5pct": float(np.mean(e <= 0.05)), "within_10pct": float(np.mean(e <= 0.10))}
 
 

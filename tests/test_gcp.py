@@ -254,7 +254,7 @@ def test_restoring_gives_back_the_most_bn_scale_per_unit_cost():
     cost = FlopsCost(space)
     keep = {g.id: list(range(max(1, g.channels // 2))) for g in space.groups}
     widths = WidthConfig(space.name, {gid: len(k) for gid, k in keep.items()})
-    unit = _add_back_cost(space, cost, widths)
+    unit = _add_back_cost(cost, widths)
     assert set(unit) == {g.id for g in space.groups} and all(v > 0 for v in unit.values())
     cheap, dear = min(unit, key=unit.get), max(unit, key=unit.get)
     assert unit[dear] > 2 * unit[cheap]
