@@ -81,6 +81,10 @@ def validate(table: Path = typer.Option(..., "--table"),
                  None, "--gate", min=0.0, max=0.99,
                  help="Shared hosts: time the unpruned model before every session and count only sessions "
                       "within this fraction of its fastest timing (e.g. 0.05)."),
+             paired: bool = typer.Option(
+                 False, "--paired",
+                 help="Shared hosts: time the unpruned model in the same window as every session and also "
+                      "report the accuracy of the latency relative to it, which the host's drift cannot move."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Measure random pruned models end to end and compare them with the predictions."""
     from .progress import item_progress
@@ -90,7 +94,8 @@ def validate(table: Path = typer.Option(..., "--table"),
     t = LatencyTable.load(table)
     names = [m.strip() for m in model.split(",") if m.strip()]
     with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
-        res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update, gate=gate)
+        res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update, gate=gate,
+                           paired=paired)
     png = plot or table.with_suffix(".validation.png")
     plot_validation(res, png)
     doc = {**res.to_dict(), "plot": str(png)}
@@ -106,8 +111,16 @@ def validate(table: Path = typer.Option(..., "--table"),
         c = res.drift_corrected
         console.print(f"with predictions scaled by the drift: {100 * c['within_5pct']:.1f}% within ±5%, "
                       f"{100 * c['within_10pct']:.1f}% within ±10%")
+    if res.relative:
+        c = res.relative
+        console.print(f"relative to the unpruned model, timed in the same window: {100 * c['within_5pct']:.1f}% "
+                      f"within ±5%, {100 * c['within_10pct']:.1f}% within ±10%, RMSPE {100 * c['rmspe']:.2f}%")
     if res.repeatability:
         r = res.repeatability
         console.print(f"measured against measured (one session vs the median of the others): "
                       f"{100 * r['within_5pct']:.1f}% within ±5%, {100 * r['within_10pct']:.1f}% within ±10% "
                       f"(the ceiling these measurements allow)")
+        rr = res.relative.get("repeatability")
+        if rr:
+            console.print(f"the same for the paired ratios: {100 * rr['within_5pct']:.1f}% within ±5%, "
+                          f"{100 * rr['within_10pct']:.1f}% within ±10%")

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -59,7 +58,10 @@ def quickstart(
     samples: int = typer.Option(20, "--samples", min=2, help="Configurations measured to validate the predictor."),
     finetune_epochs: int = typer.Option(3, "--finetune-epochs", min=0),
     gcp_iters: int = typer.Option(30, "--gcp-iters", min=1, help="GCP iterations per regularise/recover phase."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: all cores)."),
+    threads: int = typer.Option(
+        1, "--threads", min=1,
+        help="Intra-op threads of every step. 1 by default: on shared hosts 1-thread timings repeat far better "
+             "than 2-thread ones (README); give the count you deploy with."),
     gate_budget: float = typer.Option(
         90.0, "--gate-budget", min=0.0,
         help="Seconds the profile may spend re-measuring configurations timed while a shared host was slow; "
@@ -78,7 +80,7 @@ def quickstart(
     t0 = time.perf_counter()
     table, pruned = out / "cpu_table.parquet", out / "cifar_resnet20_gcp.pt"
     base = out / "cifar_resnet20_base.pt"
-    thr = ["--threads", str(threads)] if threads else []
+    thr = ["--threads", str(threads)]
     steps = {}
 
     def done(path: Path) -> bool:
@@ -100,7 +102,8 @@ def quickstart(
     if not done(vjson):
         with console.status(f"validating the predictor on {samples} fresh configurations"):
             doc = json.loads(_run(["validate", "--table", str(table), "--model", "cifar_resnet20", "--samples",
-                                   str(samples), "--gate", "0.05", "--plot", str(out / "validation.png"), "--json"], capture=True))
+                                   str(samples), "--paired", "--plot", str(out / "validation.png"), "--json"],
+                                  capture=True))
         from .io import atomic_write_text
 
         atomic_write_text(vjson, json.dumps(doc, indent=1) + "\n")
@@ -156,6 +159,9 @@ def quickstart(
         "table_slow_state_configs": len(tab.slow_items()),
         "predictor": {k: val.get(k) for k in ("n", "within_5pct", "within_10pct", "rmspe", "spearman",
                                               "slow_configs_used")},
+        # the latency relative to the unpruned model, timed in the same window (validate --paired)
+        "predictor_relative": {k: (val.get("relative") or {}).get(k) for k in ("within_5pct", "within_10pct",
+                                                                               "rmspe")},
         "base": {"measured_ms": b["latency_ms"]["median"], "predicted_ms": b.get("predicted_ms"),
                  "throughput_ips": b["throughput_ips"], "top1": (bmeta.get("accuracy") or {}).get("top1"),
                  "flops": None, "checkpoint": str(base)},
@@ -180,6 +186,10 @@ def quickstart(
     if pv.get("n"):
         console.print(f"predictor: {100 * pv['within_10pct']:.0f}% of {pv['n']} fresh configurations within ±10%, "
                       f"{100 * pv['within_5pct']:.0f}% within ±5%, Spearman {pv['spearman']:.3f}")
+        rel = summary["predictor_relative"]
+        if rel.get("within_5pct") is not None:
+            console.print(f"relative to the unpruned model, timed in the same window: {100 * rel['within_10pct']:.0f}% "
+                          f"within ±10%, {100 * rel['within_5pct']:.0f}% within ±5%")
     if pv.get("slow_configs_used"):
         console.print(f"[yellow]the predictor was fitted on {pv['slow_configs_used']} configurations profiled while "
                       f"this host was slow[/] (too few others): expect it to predict high")

@@ -156,6 +156,49 @@ def measure(step: Callable[[], float], cfg: MeasureConfig = MeasureConfig()) -> 
     return Measurement(stats=Stats.from_samples(best, cfg.cov_threshold), attempts=attempts, samples_ms=best)
 
 
+def collect_pair(step_a: Callable[[], float], step_b: Callable[[], float], cfg: MeasureConfig,
+                 chunk_s: float = 0.05) -> tuple[list[float], list[float]]:
+    """Samples of two models timed in alternating chunks of about ``chunk_s`` seconds each.
+
+    Paired timing for shared hosts: a neighbour that slows the machine for a few seconds slows
+    both models alike, so the ratio of the two medians keeps what the absolute times lose. A
+    chunk holds as many runs as fit in ``chunk_s`` (at least one), as one untimed run after the
+    warm-up timed them. A model short enough for several runs per chunk gets one untimed run at the start of
+    each chunk, because the other model has just evicted its weights from the caches; a
+    model that needs the whole chunk for one run streams its weights from memory anyway and
+    is timed straight away. Both models are warmed up first; it stops once each has
+    ``min_iters`` samples and ``min_time_s`` seconds of timed runs.
+    """
+    for step in (step_a, step_b):
+        t_end = time.perf_counter() + cfg.warmup_s
+        while time.perf_counter() < t_end:
+            step()
+    steps = (step_a, step_b)
+    out: tuple[list[float], list[float]] = ([], [])
+    # runs per chunk, from one untimed run of each model after its warm-up
+    runs = [max(1, int(1000 * chunk_s / max(step(), 1e-6))) for step in steps]
+    while True:
+        for k, step in enumerate(steps):
+            if runs[k] > 1:
+                step()  # re-warm after the other model
+            for _ in range(runs[k]):
+                out[k].append(step())
+        if all(len(o) >= cfg.max_iters for o in out):
+            break
+        if all(len(o) >= cfg.min_iters and sum(o) >= 1000 * cfg.min_time_s for o in out):
+            break
+    return out
+
+
+def measure_pair(step_a: Callable[[], float], step_b: Callable[[], float], cfg: MeasureConfig = MeasureConfig(),
+                 chunk_s: float = 0.05) -> tuple[Measurement, Measurement]:
+    """:func:`collect_pair`, summarised: one :class:`Measurement` per model (no retries: the pair's
+    ratio, not either spread, is what paired timing is for)."""
+    a, b = collect_pair(step_a, step_b, cfg, chunk_s)
+    return (Measurement(stats=Stats.from_samples(a, cfg.cov_threshold), samples_ms=a),
+            Measurement(stats=Stats.from_samples(b, cfg.cov_threshold), samples_ms=b))
+
+
 def wallclock_step(fn: Callable[[], object]) -> Callable[[], float]:
     """Wrap a synchronous callable into a step that returns its wall time in ms."""
 

@@ -13,7 +13,12 @@ How a prediction is made:
   (convolution, depthwise convolution, linear) by grouped cross-validation. Features come
   from the layer's shape: channels, kernel, stride, spatial size, batch, and derived
   quantities (FLOPs, bytes moved, channels rounded up to the SIMD block, channel counts
-  modulo 8/16/32) so that latency staircases can be learnt.
+  modulo 4/8/16/32) so that latency staircases can be learnt. Modulo 4 matters on ONNX
+  Runtime's x86 CPU provider: a convolution with 16 or more input channels that are not a
+  multiple of 4 (depthwise: any channel count not a multiple of 4) stays in NCHW (im2col +
+  GEMM, or the plain depthwise kernel) instead of the blocked NCHWc kernels, with reorders
+  around it. In the 1-thread mobilenet_v2 table these NCHW convolutions took 44% of the
+  model's time.
 * The training target of a layer is what the runtime executed for it in situ: its kernel,
   the layout reorders around it, any element-wise node that was *not* fused into it
   (which happens at some widths and not at others), and the poolings and activations
@@ -53,7 +58,8 @@ KINDS = ("conv", "dwconv", "linear")
 # ---------------------------------------------------------------------------------------
 FEATURE_NAMES = ["batch", "cin", "cout", "kh", "stride", "h", "oh", "log_flops", "log_padded_flops", "log_in_bytes",
                  "log_out_bytes", "log_w_bytes", "cin_mod8", "cout_mod8", "cin_mod16", "cout_mod16", "cin_mod32",
-                 "cout_mod32", "cin16", "cout16", "cin_small", "prod_cin_mod16", "prod_cin_small", "residual_out"]
+                 "cout_mod32", "cin16", "cout16", "cin_small", "prod_cin_mod16", "prod_cin_small", "residual_out",
+                 "cin_mod4", "cout_mod4", "prod_cin_mod4"]
 
 
 def _ceil(a: np.ndarray, m: int) -> np.ndarray:
@@ -81,7 +87,7 @@ def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0
     w_bytes = 4 * cout * cin_per_group * kh * kw
     cols = [b, cin, cout, kh, s, h, oh, np.log(flops), np.log(padded), np.log(in_bytes), np.log(out_bytes),
             np.log(w_bytes), cin % 8, cout % 8, cin % 16, cout % 16, cin % 32, cout % 32, c16i, c16o,
-            (cin < 16).astype(np.float64), pc % 16, (pc < 16).astype(np.float64), res]
+            (cin < 16).astype(np.float64), pc % 16, (pc < 16).astype(np.float64), res, cin % 4, cout % 4, pc % 4]
     return np.stack(cols, axis=1)
 
 

@@ -41,10 +41,26 @@ class ValidationSample:
     session_spread: float  # max/min - 1 of the session medians
     extrapolated: bool
     sessions_ms: list = field(default_factory=list)  # the medians of the sessions that counted
+    #: paired runs: the unpruned model's median timed in the same window as each session
+    reference_ms: list = field(default_factory=list)
+    #: paired runs: the predicted latency of the unpruned model
+    predicted_reference_ms: float | None = None
 
     @property
     def error(self) -> float:
         return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def ratios(self) -> list[float]:
+        """Paired runs: each session's time over the unpruned model's time in the same window."""
+        return [a / b for a, b in zip(self.sessions_ms, self.reference_ms)]
+
+    @property
+    def relative_error(self) -> float:
+        """Paired runs: error of the predicted latency relative to the unpruned model's
+        (``predicted / predicted unpruned``) against the median measured ratio."""
+        measured = float(np.median(self.ratios))
+        return (self.predicted_ms / self.predicted_reference_ms) / measured - 1
 
 
 @dataclass
@@ -71,21 +87,32 @@ class ValidationResult:
     #: 5% and 10% of the median of the configuration's other sessions, the ceiling of any predictor
     #: judged by these measurements on this machine
     repeatability: dict = field(default_factory=dict)
+    #: paired runs (``paired=True``): the metrics of the latency relative to the unpruned model,
+    #: predicted against measured in the same window (host drift cancels), per model, and their
+    #: own repeatability
+    relative: dict = field(default_factory=dict)
     samples: list[ValidationSample] = field(repr=False, default_factory=list)
 
     def to_dict(self, with_samples: bool = False) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "samples"}
         if with_samples:
-            d["samples"] = [{**asdict(s), "error": s.error} for s in self.samples]
+            d["samples"] = [{**asdict(s), "error": s.error,
+                             **({"relative_error": s.relative_error} if s.reference_ms else {})}
+                            for s in self.samples]
         return d
 
 
-def _metrics(samples: Sequence[ValidationSample]) -> dict:
+def _metrics(samples: Sequence[ValidationSample], relative: bool = False) -> dict:
     from scipy.stats import spearmanr
 
-    err = np.array([s.error for s in samples])
-    pred = np.array([s.predicted_ms for s in samples])
-    meas = np.array([s.measured_ms for s in samples])
+    if relative:
+        err = np.array([s.relative_error for s in samples])
+        pred = np.array([s.predicted_ms / s.predicted_reference_ms for s in samples])
+        meas = np.array([np.median(s.ratios) for s in samples])
+    else:
+        err = np.array([s.error for s in samples])
+        pred = np.array([s.predicted_ms for s in samples])
+        meas = np.array([s.measured_ms for s in samples])
     rho = float(spearmanr(pred, meas).statistic) if len(samples) > 2 else float("nan")
     return {"n": len(samples), "within_5pct": float(np.mean(np.abs(err) <= 0.05)),
             "within_10pct": float(np.mean(np.abs(err) <= 0.10)), "rmspe": float(np.sqrt(np.mean(err ** 2))),
@@ -94,7 +121,7 @@ def _metrics(samples: Sequence[ValidationSample]) -> dict:
 
 def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int = 0,
              predictor: LatencyPredictor | None = None, measure: MeasureConfig | None = None,
-             rounds: int = 2, progress=None, gate: float | None = None) -> ValidationResult:
+             rounds: int = 2, progress=None, gate: float | None = None, paired: bool = False) -> ValidationResult:
     """Measure ``samples`` random configurations per model and compare with predictions.
 
     Every configuration is measured in ``rounds`` fresh sessions, round-robin over all
@@ -103,7 +130,16 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     (shared hosts, see :class:`hwprune.bench.GatedMeter`), a short timing of the unpruned
     model precedes every session, and only sessions whose timing was within ``gate`` of that
     model's fastest count (all of them if none did).
+
+    With ``paired``, every session also times the unpruned model in the same window
+    (:meth:`hwprune.backends.base.Backend.measure_pair`: alternating chunks on ONNX Runtime),
+    and the result's ``relative`` metrics compare the predicted latency relative to the
+    unpruned model's with the measured one: a neighbour that slows the host for a while slows
+    both alike, so what remains is the predictor's own error. The absolute metrics are
+    reported as well, from the same sessions.
     """
+    if paired and gate:
+        raise HwpruneError("gated and paired validation are alternatives", "use --gate or --paired, not both")
     s = table.settings
     diff = table.mismatch({}, fingerprint())
     if diff:
@@ -128,6 +164,7 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     for m, cfg in plan:
         p, layers = pred.predict_layers(m, cfg)
         predicted.append((p, any(l.extrapolated for l in layers)))
+    ref_pred = {m: float(pred.predict(m, [spaces[m].uniform(1.0)])[0]) for m in models} if paired else {}
     time.sleep(0.5)
     out: list[ValidationSample] = []
     t0 = time.perf_counter()
@@ -137,6 +174,7 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     torch.set_num_threads(1)
     sessions: list[list] = [[] for _ in plan]
     probes: list[list] = [[] for _ in plan]
+    refs: list[list] = [[] for _ in plan]
     try:
         with tempfile.TemporaryDirectory(prefix="hwprune-validate-") as d:
             arts, probe = [], HostProbe(backend, batch, d)
@@ -149,6 +187,13 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                     art.onnx_path = export_onnx(module, shape, Path(d) / f"v{k}.onnx")
                     art.module = None
                 arts.append(art)
+            ref_arts = {}
+            for m in models if paired else ():
+                shape = (batch, *spaces[m].input_shape[1:])
+                ref_arts[m] = ModelArtifact(input_shape=shape, module=spaces[m].model.eval(), name=f"{m}/reference")
+                if backend.needs_onnx():
+                    ref_arts[m].onnx_path = export_onnx(spaces[m].model.eval(), shape, Path(d) / f"reference-{m}.onnx")
+                    ref_arts[m].module = None
             total = rounds * len(plan)
             for r in range(rounds):
                 for k, art in enumerate(arts):
@@ -156,16 +201,22 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                         progress(plan[k][0], r * len(plan) + k, total)
                     if gate:
                         probes[k].append(probe(plan[k][0], spaces[plan[k][0]]))
-                    sessions[k].append(backend.measure_e2e(art).stats)
+                    if paired:
+                        st, ref = backend.measure_pair(art, ref_arts[plan[k][0]])
+                        sessions[k].append(st.stats)
+                        refs[k].append(ref.stats.median)
+                    else:
+                        sessions[k].append(backend.measure_e2e(art).stats)
     finally:
         torch.set_num_threads(threads)
-    for (m, cfg), (p, extrapolated), st, pr in zip(plan, predicted, sessions, probes):
+    for (m, cfg), (p, extrapolated), st, pr, rf in zip(plan, predicted, sessions, probes, refs):
         if gate:
             fast = [x for x, ref in zip(st, pr) if probe.fast(m, ref, gate)]
             st = fast or st
         med = float(np.median([x.median for x in st]))
         spread = float(max(x.median for x in st) / min(x.median for x in st) - 1)
-        out.append(ValidationSample(m, dict(cfg.widths), p, med, spread, extrapolated, [x.median for x in st]))
+        out.append(ValidationSample(m, dict(cfg.widths), p, med, spread, extrapolated, [x.median for x in st],
+                                    rf, ref_pred.get(m)))
     if progress:
         progress("", rounds * len(plan), rounds * len(plan))
     drift = host_drift(table, plan, probes, probe, gate) if gate else {}
@@ -190,7 +241,19 @@ def score(samples: Sequence[ValidationSample], models: Sequence[str], drift: dic
                        "error": w.error, "extrapolated": w.extrapolated, "widths": w.widths} for w in worst],
             "per_model": {m: _metrics([x for x in samples if x.model == m]) for m in models},
             "drift_corrected": _metrics(corrected) if corrected and len(corrected) == len(samples) else {},
-            "repeatability": repeatability(samples)}
+            "repeatability": repeatability(samples), "relative": relative_metrics(samples, models)}
+
+
+def relative_metrics(samples: Sequence[ValidationSample], models: Sequence[str]) -> dict:
+    """Paired runs: the metrics of the latency relative to the unpruned model, overall and per
+    model, with the ratios' own repeatability (empty unless every sample is paired)."""
+    if not samples or not all(x.reference_ms and x.predicted_reference_ms for x in samples):
+        return {}
+    rep = session_deviations(x.ratios for x in samples)
+    return {**_metrics(samples, relative=True),
+            "per_model": {m: _metrics([x for x in samples if x.model == m], relative=True) for m in models},
+            "repeatability": ({"pairs": len(rep), "within_5pct": float(np.mean(rep <= 0.05)),
+                               "within_10pct": float(np.mean(rep <= 0.10))} if len(rep) else {})}
 
 
 def session_deviations(sessions: Iterable[Sequence[float]]) -> np.ndarray:

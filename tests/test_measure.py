@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from hwprune.measure import MeasureConfig, Stats, measure, robust_cov
+from hwprune.measure import MeasureConfig, Stats, collect_pair, measure, measure_pair, robust_cov
 
 
 def test_stats_nearest_rank_percentiles():
@@ -44,3 +44,28 @@ def test_steady_after_retry_is_not_flagged():
     cfg = MeasureConfig(warmup_s=0.0, min_iters=9, min_time_s=0.0, cov_threshold=0.05, retries=2)
     m = measure(step, cfg)
     assert m.attempts == 2 and not m.stats.unstable and m.stats.median == 1.0
+
+
+def test_paired_timing_alternates_chunks_so_both_models_see_the_same_host():
+    """A scripted host turns 3x slower after the first pair of chunks. Model a takes 1 ms and b
+    4 ms, chunks are 4 ms: a gets an untimed re-warm run and 4 timed runs per chunk, b one timed
+    run and no re-warm. Every chunk of a has a chunk of b beside it in the same host state, so the pairs'
+    ratio stays 0.25 although the absolute times moved 3x."""
+    log = []
+
+    def step(name, ms):
+        def run():
+            log.append(name)
+            return ms * (1.0 if len(log) <= 8 else 3.0)
+        return run
+
+    cfg = MeasureConfig(warmup_s=0.0, min_iters=8, min_time_s=0.0, retries=0)
+    a, b = collect_pair(step("a", 1.0), step("b", 4.0), cfg, chunk_s=0.004)
+    assert log == ["a", "b"] + (["a"] * 5 + ["b"]) * 8  # first runs, then chunks until b has 8 samples
+    assert len(a) == 32 and len(b) == 8
+    assert a[:5] == [1.0] * 4 + [3.0] and b[:2] == [4.0, 12.0]  # the host slowed down after the first chunks
+    per_chunk = [sum(a[4 * i:4 * i + 4]) / 4 / b[i] for i in range(8)]
+    assert per_chunk[0] == 0.25 and per_chunk[-1] == 0.25
+    log.clear()
+    ma, mb = measure_pair(step("a", 1.0), step("b", 4.0), cfg, chunk_s=0.004)
+    assert ma.stats.count == 32 and mb.stats.count == 8

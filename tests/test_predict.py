@@ -148,10 +148,11 @@ def test_cli_widths_predict_validate(table_path, tmp_path):
     r = run_cli("predict", "--table", str(table_path), "--model", "cifar_resnet20", "--widths", str(bad))
     assert r.returncode == 2 and "conv1" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("validate", "--table", str(table_path), "--model", "cifar_resnet20", "--samples", "3", "--json",
-                "--plot", str(tmp_path / "v.png"))
+                "--plot", str(tmp_path / "v.png"), "--paired")
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)
     assert v["n"] == 3 and {"within_5pct", "within_10pct", "rmspe", "spearman", "worst"} <= set(v)
+    assert v["relative"]["n"] == 3 and v["relative"]["repeatability"]["pairs"] == 6  # 2 rounds by default
     assert (tmp_path / "v.png").stat().st_size > 1000
 
 
@@ -234,6 +235,48 @@ def test_gated_validation_reports_host_drift_against_the_table(table, monkeypatc
     assert res.to_dict()["drift"]["cifar_resnet20"]["factor"] == 2.0
     plain = hv.validate(table, ["cifar_resnet20"], 1, rounds=1, gate=0.5, measure=MeasureConfig.quick())
     assert plain.drift == {} and plain.drift_corrected == {}  # an ungated table has no probes to compare with
+
+
+def test_paired_validation_predicts_latency_relative_to_the_unpruned_model(table_path, monkeypatch):
+    """Paired sessions time the unpruned model beside each configuration. The scripted host runs
+    every pruned session at 0.5 ms and its reference at 2.0 ms: the measured ratio is 0.25
+    whatever the host's speed, and the relative error compares it with predicted / predicted
+    unpruned."""
+    from hwprune.measure import MeasureConfig
+    from hwprune.table import LatencyTable
+
+    import hwprune.validate as hv
+    from hwprune.backends import create_backend as real_create
+
+    def create(*a, **k):
+        be = real_create(*a, **k)
+        real = be.measure_pair
+
+        def scripted(art, ref):
+            m, r = real(art, ref)
+            assert ref.name == "cifar_resnet20/reference" and ref.onnx_path.exists()
+            m.stats.median, r.stats.median = 0.5, 2.0
+            return m, r
+        be.measure_pair = scripted
+        return be
+
+    monkeypatch.setattr(hv, "create_backend", create)
+    table = LatencyTable.load(table_path)
+    res = hv.validate(table, ["cifar_resnet20"], 2, rounds=2, paired=True, measure=MeasureConfig.quick())
+    pred = LatencyPredictor().fit(table)
+    full = float(pred.predict("cifar_resnet20", [PruningSpace.from_name("cifar_resnet20").uniform(1.0)])[0])
+    for s in res.samples:
+        assert s.reference_ms == [2.0, 2.0] and s.ratios == [0.25, 0.25]
+        assert s.predicted_reference_ms == pytest.approx(full)
+        assert s.relative_error == pytest.approx(s.predicted_ms / full / 0.25 - 1)
+    rel = res.relative
+    assert rel["n"] == 2 and rel["per_model"]["cifar_resnet20"]["n"] == 2
+    assert rel["repeatability"] == {"pairs": 4, "within_5pct": 1.0, "within_10pct": 1.0}
+    assert res.to_dict(with_samples=True)["samples"][0]["relative_error"] == res.samples[0].relative_error
+    unpaired = hv.validate(table, ["cifar_resnet20"], 1, rounds=1, measure=MeasureConfig.quick())
+    assert unpaired.relative == {} and unpaired.samples[0].reference_ms == []
+    with pytest.raises(HwpruneError, match="alternatives"):
+        hv.validate(table, ["cifar_resnet20"], 1, paired=True, gate=0.1)
 
 
 def test_repeatability_compares_each_session_with_the_others():

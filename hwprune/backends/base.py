@@ -97,6 +97,13 @@ class Backend(abc.ABC):
     def measure_e2e(self, model: ModelArtifact) -> Measurement:
         """End-to-end latency of one inference (ms) following the protocol."""
 
+    def measure_pair(self, model: ModelArtifact, reference: ModelArtifact) -> tuple[Measurement, Measurement]:
+        """End-to-end latency of ``model`` and of ``reference`` taken in the same window, so that
+        their ratio is free of the host's drift. Backends that can alternate the two in one window
+        override this; the fallback times the reference, then the model."""
+        ref = self.measure_e2e(reference)
+        return self.measure_e2e(model), ref
+
     @abc.abstractmethod
     def profile_layers(self, model: ModelArtifact) -> list[LayerTiming]:
         """Per-unit times of the executed graph, from a separate profiled run."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..device.ort_runner import OrtSettings, ort_version, profile_model, time_model
+from ..device.ort_runner import OrtSettings, ort_version, profile_model, time_model, time_pair
 from ..measure import Measurement
 from ..units import UnitSpec
 from .base import Backend, LayerTiming, ModelArtifact, register_backend
@@ -64,6 +64,9 @@ class OnnxRuntimeBackend(Backend):
 
     def measure_e2e(self, model: ModelArtifact) -> Measurement:
         return time_model(self._onnx(model), self.ort, self.measure_cfg)
+
+    def measure_pair(self, model: ModelArtifact, reference: ModelArtifact) -> tuple[Measurement, Measurement]:
+        return time_pair(self._onnx(model), self._onnx(reference), self.ort, self.measure_cfg)
 
     def profile_layers(self, model: ModelArtifact) -> list[LayerTiming]:
         from .ort_graph import OrtGraphReader

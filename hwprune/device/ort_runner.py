@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..measure import MeasureConfig, Measurement, Stats, collect, measure, time_once
+from ..measure import MeasureConfig, Measurement, Stats, collect, measure, measure_pair, time_once
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,32 @@ def time_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig)
     m = measure(step, cfg)
     m.setup_ms, m.first_run_ms = setup_ms, first_ms
     return m
+
+
+def time_pair(onnx_path: str | Path, reference_path: str | Path, settings: OrtSettings,
+              cfg: MeasureConfig) -> tuple[Measurement, Measurement]:
+    """End-to-end latency of a model and a reference, each in a fresh session, timed in
+    alternating chunks in the same window (:func:`hwprune.measure.measure_pair`)."""
+    import onnxruntime as ort
+
+    so = _session_options(settings)
+    steps, setups = [], []
+    for path in (onnx_path, reference_path):
+        sess, setup_ms = time_once(lambda: ort.InferenceSession(str(path), so, providers=[settings.provider]))
+        feeds = _feeds(sess)
+        _, first_ms = time_once(lambda: sess.run(None, feeds))
+        setups.append((setup_ms, first_ms))
+
+        def step(sess=sess, feeds=feeds) -> float:
+            t = time.perf_counter_ns()
+            sess.run(None, feeds)
+            return (time.perf_counter_ns() - t) / 1e6
+
+        steps.append(step)
+    pair = measure_pair(steps[0], steps[1], cfg)
+    for m, (setup_ms, first_ms) in zip(pair, setups):
+        m.setup_ms, m.first_run_ms = setup_ms, first_ms
+    return pair
 
 
 @dataclass
