@@ -37,11 +37,14 @@ THREADS = 2  # intra-op threads of the tables validated (--threads)
 ROUNDS = 2  # fresh sessions per configuration (--rounds)
 PAIRED = False  # time the unpruned model beside every session (--paired)
 SEED_OFFSET = 0  # added to the validation seed (--seed-offset): draws configurations no earlier run measured
+STEM = None  # result file names (--results), else from the settings
 
 
 def stem() -> str:
     """Result files: predictor.* for the 2-thread tables, predictor_t1.* for 1 thread,
-    predictor_t1_paired.* for paired runs, ..."""
+    predictor_t1_paired.* for paired runs, ... (or --results NAME)"""
+    if STEM:
+        return STEM
     return ("predictor" if THREADS == 2 else f"predictor_t{THREADS}") + ("_paired" if PAIRED else "")
 
 
@@ -145,6 +148,8 @@ def write(results: dict) -> None:
              f"{' --paired' if results.get('paired') else ''}")
     if results.get("seed_offset"):
         flags += f" --seed-offset {results['seed_offset']}"
+    if STEM:
+        flags += f" --results {STEM}"
     lines = ["# Latency predictor: predicted vs measured end to end", "",
              f"Machine: {results['machine']}. ONNX Runtime CPU, {results.get('threads', 2)} thread(s). Held-out random "
              f"width configurations, each measured in {rounds} fresh sessions (median of the {rounds}), all "
@@ -245,7 +250,7 @@ def write(results: dict) -> None:
 
 
 def main() -> None:
-    global THREADS, ROUNDS, PAIRED, SEED_OFFSET
+    global THREADS, ROUNDS, PAIRED, SEED_OFFSET, STEM
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -268,8 +273,10 @@ def main() -> None:
                          "the relative accuracy too; results: predictor_tN_paired.*")
     ap.add_argument("--seed-offset", type=int, default=0,
                     help="added to the validation seed, to draw configurations no earlier run measured")
+    ap.add_argument("--results", default=None,
+                    help="name of the result files (default: predictor_tN[_paired]), to keep another run apart")
     args = ap.parse_args()
-    THREADS, ROUNDS, PAIRED, SEED_OFFSET = args.threads, args.rounds, args.paired, args.seed_offset
+    THREADS, ROUNDS, PAIRED, SEED_OFFSET, STEM = args.threads, args.rounds, args.paired, args.seed_offset, args.results
     if args.repredict:
         results = json.loads((RESULTS / f"{stem()}.json").read_text())
         results["runs"] = [repredict(r) for r in results["runs"]]
