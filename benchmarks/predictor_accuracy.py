@@ -97,14 +97,14 @@ def repredict(r: dict) -> dict:
     fit_s = time.perf_counter() - t0
     keep = ("within_5pct", "within_10pct", "rmspe", "spearman", "per_model")
     r.setdefault("as_measured", {k: r[k] for k in keep})
+    # paired runs: the unpruned model's prediction, once per model
+    unpruned = {m: float(pred.predict(m, [PruningSpace.from_name(m).uniform(1.0)])[0]) for m in r["models"]}
     samples = []
     for x in r["samples"]:
         p, layers = pred.predict_layers(x["model"], WidthConfig(x["model"], x["widths"]))
-        ref = (float(pred.predict(x["model"], [PruningSpace.from_name(x["model"]).uniform(1.0)])[0])
-               if x.get("reference_ms") else None)
         samples.append(ValidationSample(x["model"], x["widths"], p, x["measured_ms"], x["session_spread"],
                                         any(l.extrapolated for l in layers), x.get("sessions_ms", []),
-                                        x.get("reference_ms", []), ref))
+                                        x.get("reference_ms", []), unpruned[x["model"]] if x.get("reference_ms") else None))
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     # the drift factors are measurements; the drift-corrected metrics follow the new predictions
     r.update(score(samples, r["models"], r.get("drift")))
@@ -160,13 +160,14 @@ def write(results: dict) -> None:
                   "model precedes every session, and only sessions whose timing was within that fraction of the "
                   "model's fastest count. The tables were profiled gated as well (see profiling.md).", ""]
     lines += ["| run | batch | gated | n | within ±5% | within ±10% | RMSPE | Spearman | fit (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    def cells(d: dict) -> str:  # n | within ±5% | within ±10% | RMSPE | Spearman
+        return (f"{d['n']} | {100 * d['within_5pct']:.1f}% | {100 * d['within_10pct']:.1f}% | "
+                f"{100 * d['rmspe']:.2f}% | {d['spearman']:.3f}")
+
     for r in results["runs"]:
-        lines.append(f"| {r['tag']} | {r['batch']} | {'yes' if r.get('gate') else 'no'} | {r['n']} | {100 * r['within_5pct']:.1f}% | "
-                     f"{100 * r['within_10pct']:.1f}% | {100 * r['rmspe']:.2f}% | {r['spearman']:.3f} | "
+        lines.append(f"| {r['tag']} | {r['batch']} | {'yes' if r.get('gate') else 'no'} | {cells(r)} | "
                      f"{r['fit_seconds']:.1f} |")
-        for m, pm in r["per_model"].items():
-            lines.append(f"| &nbsp;&nbsp;{m} | {r['batch']} | | {pm['n']} | {100 * pm['within_5pct']:.1f}% | "
-                         f"{100 * pm['within_10pct']:.1f}% | {100 * pm['rmspe']:.2f}% | {pm['spearman']:.3f} | |")
+        lines += [f"| &nbsp;&nbsp;{m} | {r['batch']} | | {cells(pm)} | |" for m, pm in r["per_model"].items()]
     paired = [r for r in results["runs"] if r.get("relative")]
     if paired:
         lines += ["", "Paired: every session also timed the unpruned model in the same window (alternating chunks "
@@ -181,13 +182,10 @@ def write(results: dict) -> None:
                       "| within 10% |", "|---|---|---|---|---|---|---|---|---|"]
         for r in paired:
             c, rr = r["relative"], r["relative"].get("repeatability") or {}
-            lines.append(f"| {r['tag']} | {r['batch']} | {c['n']} | {100 * c['within_5pct']:.1f}% | "
-                         f"{100 * c['within_10pct']:.1f}% | {100 * c['rmspe']:.2f}% | {c['spearman']:.3f} | "
+            lines.append(f"| {r['tag']} | {r['batch']} | {cells(c)} | "
                          f"{100 * rr.get('within_5pct', float('nan')):.0f}% | "
                          f"{100 * rr.get('within_10pct', float('nan')):.0f}% |")
-            for m, pm in c["per_model"].items():
-                lines.append(f"| &nbsp;&nbsp;{m} | {r['batch']} | {pm['n']} | {100 * pm['within_5pct']:.1f}% | "
-                             f"{100 * pm['within_10pct']:.1f}% | {100 * pm['rmspe']:.2f}% | {pm['spearman']:.3f} | | |")
+            lines += [f"| &nbsp;&nbsp;{m} | {r['batch']} | {cells(pm)} | | |" for m, pm in c["per_model"].items()]
     redone = [r for r in results["runs"] if r.get("as_measured")]
     if redone:
         lines += ["", f"The predictions above were re-made on the stored measurements ({redone[0]['repredicted']}). "

@@ -29,16 +29,21 @@ class HostProbe:
         self.best: dict[str, float] = {}
         self._refs: dict[str, ModelArtifact] = {}
 
-    def __call__(self, model: str, space: PruningSpace) -> float:
+    def reference(self, model: str, space: PruningSpace) -> ModelArtifact:
+        """The unpruned model, ready for the backend (exported once, then reused)."""
         if model not in self._refs:
             shape = (self.batch, *space.input_shape[1:])
             art = ModelArtifact(input_shape=shape, module=space.model.eval(), name=f"{model}/reference")
             if self.backend.needs_onnx():
                 art.onnx_path = export_onnx(space.model.eval(), shape, self.dir / f"reference-{model}.onnx")
             self._refs[model] = art
+        return self._refs[model]
+
+    def __call__(self, model: str, space: PruningSpace) -> float:
+        ref = self.reference(model, space)
         keep, self.backend.measure_cfg = self.backend.measure_cfg, PROBE
         try:
-            ms = self.backend.measure_e2e(self._refs[model]).stats.median
+            ms = self.backend.measure_e2e(ref).stats.median
         finally:
             self.backend.measure_cfg = keep
         self.best[model] = min(self.best.get(model, ms), ms)

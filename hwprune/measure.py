@@ -122,14 +122,19 @@ def robust_cov(samples: Sequence[float]) -> float:
     return float(1.4826 * np.median(np.abs(a - med)) / med) if med > 0 else 0.0
 
 
+def _warm_up(step: Callable[[], float], seconds: float) -> None:
+    """Run ``step`` untimed for ``seconds`` (warm-up is by time, not by a count)."""
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        step()
+
+
 def collect(step: Callable[[], float], cfg: MeasureConfig) -> list[float]:
     """Warm up by time, then collect samples from ``step`` (which returns one sample in ms).
 
     Stops once both ``min_iters`` samples and ``min_time_s`` seconds have been reached.
     """
-    t_end = time.perf_counter() + cfg.warmup_s
-    while time.perf_counter() < t_end:
-        step()
+    _warm_up(step, cfg.warmup_s)
     samples: list[float] = []
     t0 = time.perf_counter()
     while True:
@@ -163,17 +168,15 @@ def collect_pair(step_a: Callable[[], float], step_b: Callable[[], float], cfg: 
     Paired timing for shared hosts: a neighbour that slows the machine for a few seconds slows
     both models alike, so the ratio of the two medians keeps what the absolute times lose. A
     chunk holds as many runs as fit in ``chunk_s`` (at least one), as one untimed run after the
-    warm-up timed them. A model short enough for several runs per chunk gets one untimed run at the start of
-    each chunk, because the other model has just evicted its weights from the caches; a
-    model that needs the whole chunk for one run streams its weights from memory anyway and
-    is timed straight away. Both models are warmed up first; it stops once each has
+    warm-up timed them. A model short enough for several runs per chunk gets one untimed run
+    at the start of each chunk, because the other model has just evicted its weights from the
+    caches; a model that needs the whole chunk for one run streams its weights from memory
+    anyway and is timed straight away. Both models are warmed up first; it stops once each has
     ``min_iters`` samples and ``min_time_s`` seconds of timed runs.
     """
-    for step in (step_a, step_b):
-        t_end = time.perf_counter() + cfg.warmup_s
-        while time.perf_counter() < t_end:
-            step()
     steps = (step_a, step_b)
+    for step in steps:
+        _warm_up(step, cfg.warmup_s)
     out: tuple[list[float], list[float]] = ([], [])
     # runs per chunk, from one untimed run of each model after its warm-up
     runs = [max(1, int(1000 * chunk_s / max(step(), 1e-6))) for step in steps]

@@ -187,13 +187,6 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                     art.onnx_path = export_onnx(module, shape, Path(d) / f"v{k}.onnx")
                     art.module = None
                 arts.append(art)
-            ref_arts = {}
-            for m in models if paired else ():
-                shape = (batch, *spaces[m].input_shape[1:])
-                ref_arts[m] = ModelArtifact(input_shape=shape, module=spaces[m].model.eval(), name=f"{m}/reference")
-                if backend.needs_onnx():
-                    ref_arts[m].onnx_path = export_onnx(spaces[m].model.eval(), shape, Path(d) / f"reference-{m}.onnx")
-                    ref_arts[m].module = None
             total = rounds * len(plan)
             for r in range(rounds):
                 for k, art in enumerate(arts):
@@ -202,7 +195,8 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                     if gate:
                         probes[k].append(probe(plan[k][0], spaces[plan[k][0]]))
                     if paired:
-                        st, ref = backend.measure_pair(art, ref_arts[plan[k][0]])
+                        m = plan[k][0]
+                        st, ref = backend.measure_pair(art, probe.reference(m, spaces[m]))
                         sessions[k].append(st.stats)
                         refs[k].append(ref.stats.median)
                     else:
@@ -249,11 +243,9 @@ def relative_metrics(samples: Sequence[ValidationSample], models: Sequence[str])
     model, with the ratios' own repeatability (empty unless every sample is paired)."""
     if not samples or not all(x.reference_ms and x.predicted_reference_ms for x in samples):
         return {}
-    rep = session_deviations(x.ratios for x in samples)
     return {**_metrics(samples, relative=True),
             "per_model": {m: _metrics([x for x in samples if x.model == m], relative=True) for m in models},
-            "repeatability": ({"pairs": len(rep), "within_5pct": float(np.mean(rep <= 0.05)),
-                               "within_10pct": float(np.mean(rep <= 0.10))} if len(rep) else {})}
+            "repeatability": _agreement(x.ratios for x in samples)}
 
 
 def session_deviations(sessions: Iterable[Sequence[float]]) -> np.ndarray:
@@ -268,7 +260,12 @@ def session_deviations(sessions: Iterable[Sequence[float]]) -> np.ndarray:
 
 def repeatability(samples: Sequence[ValidationSample]) -> dict:
     """Leave-one-session-out agreement of the measurements with themselves (empty with 1 session)."""
-    e = session_deviations(x.sessions_ms for x in samples)
+    return _agreement(x.sessions_ms for x in samples)
+
+
+def _agreement(sessions: Iterable[Sequence[float]]) -> dict:
+    """How often one session lands within 5% and 10% of the others (:func:`session_deviations`)."""
+    e = session_deviations(sessions)
     if not len(e):
         return {}
     return {"pairs": len(e), "within_5pct": float(np.mean(e <= 0.05)), "within_10pct": float(np.mean(e <= 0.10))}

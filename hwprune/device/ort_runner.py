@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -71,11 +72,10 @@ def _feeds(sess, seed: int = 0) -> dict:
     return feeds
 
 
-def time_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig) -> Measurement:
-    """End-to-end latency of one inference with a fresh, unprofiled session."""
+def _timed_session(onnx_path: str | Path, so, settings: OrtSettings) -> tuple[Callable[[], float], float, float]:
+    """A fresh, unprofiled session as a timing step, with its set-up and first-run times (ms)."""
     import onnxruntime as ort
 
-    so = _session_options(settings)
     sess, setup_ms = time_once(lambda: ort.InferenceSession(str(onnx_path), so, providers=[settings.provider]))
     feeds = _feeds(sess)
     _, first_ms = time_once(lambda: sess.run(None, feeds))
@@ -85,6 +85,12 @@ def time_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig)
         sess.run(None, feeds)
         return (time.perf_counter_ns() - t) / 1e6
 
+    return step, setup_ms, first_ms
+
+
+def time_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig) -> Measurement:
+    """End-to-end latency of one inference with a fresh, unprofiled session."""
+    step, setup_ms, first_ms = _timed_session(onnx_path, _session_options(settings), settings)
     m = measure(step, cfg)
     m.setup_ms, m.first_run_ms = setup_ms, first_ms
     return m
@@ -94,24 +100,10 @@ def time_pair(onnx_path: str | Path, reference_path: str | Path, settings: OrtSe
               cfg: MeasureConfig) -> tuple[Measurement, Measurement]:
     """End-to-end latency of a model and a reference, each in a fresh session, timed in
     alternating chunks in the same window (:func:`hwprune.measure.measure_pair`)."""
-    import onnxruntime as ort
-
     so = _session_options(settings)
-    steps, setups = [], []
-    for path in (onnx_path, reference_path):
-        sess, setup_ms = time_once(lambda: ort.InferenceSession(str(path), so, providers=[settings.provider]))
-        feeds = _feeds(sess)
-        _, first_ms = time_once(lambda: sess.run(None, feeds))
-        setups.append((setup_ms, first_ms))
-
-        def step(sess=sess, feeds=feeds) -> float:
-            t = time.perf_counter_ns()
-            sess.run(None, feeds)
-            return (time.perf_counter_ns() - t) / 1e6
-
-        steps.append(step)
-    pair = measure_pair(steps[0], steps[1], cfg)
-    for m, (setup_ms, first_ms) in zip(pair, setups):
+    a, b = (_timed_session(p, so, settings) for p in (onnx_path, reference_path))
+    pair = measure_pair(a[0], b[0], cfg)
+    for m, (_, setup_ms, first_ms) in zip(pair, (a, b)):
         m.setup_ms, m.first_run_ms = setup_ms, first_ms
     return pair
 
