@@ -19,10 +19,16 @@ How a prediction is made:
   GEMM, or the plain depthwise kernel) instead of the blocked NCHWc kernels, with reorders
   around it. In the 1-thread mobilenet_v2 table these NCHW convolutions took 44% of the
   model's time.
-* The training target of a layer is what the runtime executed for it in situ: its kernel,
-  the layout reorders around it, any element-wise node that was *not* fused into it
-  (which happens at some widths and not at others), and the poolings and activations
-  that run on its output before the next layer.
+* The training target of a layer is what the runtime executed for it in situ, in two
+  parts with a regressor each. Its own kernel (log target, regressor chosen by grouped
+  cross-validation); and its *extras*: the layout reorders around it, any element-wise
+  node that was *not* fused into it, and the poolings and activations that run on its
+  output before the next layer (time target, squared loss). Whether extras run at all is
+  decided by the layer's neighbours, not by its own shape: one convolution that falls back
+  to NCHW keeps its whole residual stream in NCHW, so every layer writing or reading that
+  stream pays reorders and unfused Adds. The features count those neighbours
+  (:meth:`ModelTemplate.layout_context`); learnt apart from the kernel, that context is
+  the whole signal of the extras rather than a few per cent of the layer's time.
 * A model's latency is the sum of its layers, mapped to the measured end-to-end time by a
   per-model overhead term fitted on the table's ``e2e`` rows (the gap covers un-modelled
   nodes, launch gaps and the profiler's own cost): a power law of the out-of-fold
@@ -37,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -48,9 +54,13 @@ from threadpoolctl import threadpool_limits
 from .errors import HwpruneError, TableMismatch
 from .space import PruningSpace, WidthConfig
 from .table import LatencyTable
-from .template import ModelTemplate
+from .template import ModelTemplate, unblocked
 
 KINDS = ("conv", "dwconv", "linear")
+#: table row kinds that are a layer's own kernel (everything else charged to it is "extra")
+KERNEL_NODES = ("conv", "dwconv", "linear")
+#: feature rows from which a prediction uses every core
+BULK_ROWS = 100_000
 
 
 # ---------------------------------------------------------------------------------------
@@ -59,35 +69,46 @@ KINDS = ("conv", "dwconv", "linear")
 FEATURE_NAMES = ["batch", "cin", "cout", "kh", "stride", "h", "oh", "log_flops", "log_padded_flops", "log_in_bytes",
                  "log_out_bytes", "log_w_bytes", "cin_mod8", "cout_mod8", "cin_mod16", "cout_mod16", "cin_mod32",
                  "cout_mod32", "cin16", "cout16", "cin_small", "prod_cin_mod16", "prod_cin_small", "residual_out",
-                 "cin_mod4", "cout_mod4", "prod_cin_mod4"]
+                 "cin_mod4", "cout_mod4", "prod_cin_mod4", "prod_unblocked", "peer_unblocked",
+                 "unblocked", "log_kernel_flops"]
 
 
 def _ceil(a: np.ndarray, m: int) -> np.ndarray:
     return (a + m - 1) // m * m
 
 
-def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0, residual=0) -> np.ndarray:
+def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0, residual=0, prod_unblocked=0,
+                   peer_unblocked=0) -> np.ndarray:
     """Feature matrix of layers (all arguments broadcast to 1-D arrays).
 
     ``prod_cin`` is the input channel count of the layer that produces this layer's input
     (0 for the network input): it decides the producer's kernel and so the layout this
     layer receives. ``residual`` is 1 for layers whose output is summed with a skip
-    connection (the runtime may fuse that Add into them).
+    connection (the runtime may fuse that Add into them). ``prod_unblocked`` and
+    ``peer_unblocked`` count the layers producing this layer's input, and the other layers
+    writing its output's channel group, that run outside the blocked layout
+    (:meth:`ModelTemplate.layout_context`): they decide the reorders and unfused Adds
+    around this layer.
     """
-    b, cin, cout, kh, kw, s, h, w, pc, res = (np.atleast_1d(np.asarray(a, dtype=np.float64))
-                                              for a in (batch, cin, cout, kh, kw, stride, h, w, prod_cin, residual))
-    b, cin, cout, kh, kw, s, h, w, pc, res = np.broadcast_arrays(b, cin, cout, kh, kw, s, h, w, pc, res)
+    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu = (
+        np.atleast_1d(np.asarray(a, dtype=np.float64))
+        for a in (batch, cin, cout, kh, kw, stride, h, w, prod_cin, residual, prod_unblocked, peer_unblocked))
+    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu = np.broadcast_arrays(b, cin, cout, kh, kw, s, h, w, pc, res, pu,
+                                                                          qu)
     oh, ow = (h - 1) // s + 1, (w - 1) // s + 1
     cin_per_group = np.ones_like(cin) if kind == "dwconv" else cin
     flops = b * oh * ow * cout * cin_per_group * kh * kw
     c16i, c16o = _ceil(cin, 16), _ceil(cout, 16)
     padded = b * oh * ow * c16o * (np.ones_like(cin) if kind == "dwconv" else c16i) * kh * kw
+    # blocked kernels compute on channels padded to the SIMD block; the NCHW fallback does not
+    nb = (unblocked(kind == "dwconv", cin) if kind != "linear" else np.zeros_like(cin, dtype=bool)).astype(np.float64)
     in_bytes = 4 * b * cin * h * w
     out_bytes = 4 * b * cout * oh * ow
     w_bytes = 4 * cout * cin_per_group * kh * kw
     cols = [b, cin, cout, kh, s, h, oh, np.log(flops), np.log(padded), np.log(in_bytes), np.log(out_bytes),
             np.log(w_bytes), cin % 8, cout % 8, cin % 16, cout % 16, cin % 32, cout % 32, c16i, c16o,
-            (cin < 16).astype(np.float64), pc % 16, (pc < 16).astype(np.float64), res, cin % 4, cout % 4, pc % 4]
+            (cin < 16).astype(np.float64), pc % 16, (pc < 16).astype(np.float64), res, cin % 4, cout % 4, pc % 4,
+            pu, qu, nb, np.log(np.where(nb > 0, flops, padded))]
     return np.stack(cols, axis=1)
 
 
@@ -115,9 +136,11 @@ def _attribute(rows: pd.DataFrame, layer_names: set[str]) -> pd.Series:
 @dataclass
 class TrainingSet:
     X: dict[str, np.ndarray]
-    y: dict[str, np.ndarray]  # milliseconds
+    y: dict[str, np.ndarray]  # milliseconds: the layer's own kernel
     groups: dict[str, np.ndarray]  # configuration of each row (for grouped validation)
     ranges: dict[str, tuple[np.ndarray, np.ndarray]]  # per-feature min/max per kind
+    #: milliseconds of the other nodes charged to the layer (reorders, unfused Adds, poolings)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +186,40 @@ def _calibration_loo(kind: str, measured: np.ndarray, oof: np.ndarray, e2e: np.n
         f = _ModelFit(None, *_calibrate(kind, measured[m], oof[m], e2e[m]))
         err.append(float(f(oof[i])) / e2e[i] - 1)
     return float(np.sqrt(np.mean(np.square(err))))
+
+
+# ---------------------------------------------------------------------------------------
+# Extras: the nodes around a layer's kernel
+# ---------------------------------------------------------------------------------------
+def _extra_regressor(seed: int):
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, max_leaf_nodes=31, min_samples_leaf=8,
+                                         random_state=seed)
+
+
+class _Extras:
+    """Milliseconds of the nodes the runtime runs around a layer's kernel: layout reorders,
+    an Add or activation it did not fuse, a pooling on its output.
+
+    Whether they run at all is decided by the layer's neighbours (a single unblocked writer
+    keeps a residual stream in NCHW), not by its own shape, so they get a regressor of their
+    own, with the neighbours' layout counts among the features. Learnt apart from the
+    kernel, the context is the whole signal rather than a few per cent of it. The target is
+    the time itself, with a squared loss: its conditional mean is what a model's sum
+    needs, where a log target would predict the geometric mean of "none" and "some" and
+    fall well short of it.
+    """
+
+    def __init__(self, seed: int):
+        self.est = _extra_regressor(seed)
+
+    def fit(self, X: np.ndarray, extra_ms: np.ndarray) -> "_Extras":
+        self.est.fit(X, extra_ms)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.maximum(self.est.predict(X), 0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,6 +323,7 @@ class LatencyPredictor:
             self.node_overhead_ms_ = float(min(max(-c / a, 0.0), 0.05)) if a > 0 else 0.0
         X: dict[str, list] = {k: [] for k in KINDS}
         y: dict[str, list] = {k: [] for k in KINDS}
+        extra: dict[str, list] = {k: [] for k in KINDS}
         grp: dict[str, list] = {k: [] for k in KINDS}
         fits: dict[str, _ModelFit] = {}
         sums = []  # per e2e item: measured e2e time
@@ -283,15 +341,19 @@ class LatencyPredictor:
                 attributed = _attribute(nodes, names)
                 time_ms = (nodes["median_ms"] - self.node_overhead_ms_).clip(lower=1e-4)
                 per_layer = time_ms.groupby(attributed).sum()
+                own = nodes["kind"].isin(KERNEL_NODES).to_numpy() & (nodes["layer"] == attributed).to_numpy()
+                kernel = time_ms[own].groupby(attributed[own]).sum()
                 W = tpl.width_matrix([json.loads(e.widths)])
                 cin, cout = tpl.channels(W)
                 pcin = tpl.producer_channels(cin)
                 for kind in KINDS:
-                    js = [j for j, s in enumerate(tpl.slots) if s.kind == kind and s.name in per_layer.index]
+                    js = [j for j, s in enumerate(tpl.slots) if s.kind == kind and s.name in kernel.index]
                     if not js:
                         continue
                     X[kind].extend(tpl.features(kind, js, batch, cin[0], cout[0], pcin[0]))
-                    y[kind].extend(float(per_layer[tpl.slots[j].name]) for j in js)
+                    y[kind].extend(float(kernel[tpl.slots[j].name]) for j in js)
+                    extra[kind].extend(max(float(per_layer[tpl.slots[j].name] - kernel[tpl.slots[j].name]), 0.0)
+                                       for j in js)
                     grp[kind].extend([f"{model}/{item}"] * len(js))
                 sums.append({"model": model, "item": item, "e2e": float(e.median_ms), "widths": e.widths})
         ts = TrainingSet({}, {}, {}, {})
@@ -299,6 +361,7 @@ class LatencyPredictor:
             if y[k]:
                 ts.X[k] = np.asarray(X[k])
                 ts.y[k] = np.asarray(y[k])
+                ts.extra[k] = np.asarray(extra[k])
                 ts.groups[k] = np.asarray(grp[k])
                 ts.ranges[k] = (ts.X[k].min(axis=0), ts.X[k].max(axis=0))
         return ts, fits, pd.DataFrame(sums)
@@ -334,17 +397,19 @@ class LatencyPredictor:
         best = min(scores, key=scores.get)
         return best, scores, oof[best]
 
-    def _out_of_fold(self, est, X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """Predictions of every row by a copy of ``est`` fitted without that row's configuration."""
+    def _out_of_fold(self, est, X: np.ndarray, y: np.ndarray, extra: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """Predictions (kernel plus extras) of every row by copies of ``est`` and the extras
+        model fitted without that row's configuration."""
         from sklearn.base import clone
         from sklearn.model_selection import GroupKFold
 
         n_groups = len(set(groups))
         if n_groups < 2:
-            return y
+            return y + extra
         out = np.empty_like(y)
         for tr, te in GroupKFold(n_splits=min(self.cv_folds, n_groups)).split(X, y, groups):
-            out[te] = np.exp(clone(est).fit(X[tr], np.log(y[tr])).predict(X[te]))
+            out[te] = (np.exp(clone(est).fit(X[tr], np.log(y[tr])).predict(X[te]))
+                       + _Extras(self.random_state).fit(X[tr], extra[tr]).predict(X[te]))
         return out
 
     def fit(self, table: LatencyTable) -> "LatencyPredictor":
@@ -382,6 +447,7 @@ class LatencyPredictor:
         self.fingerprint_ = dict(table.meta.fingerprint)
         self.models_ = fits
         self.estimators_: dict[str, object] = {}
+        self.extras_: dict[str, _Extras] = {}
         self.selection_: dict[str, dict] = {}
         self.ranges_ = ts.ranges
         cands = _candidates(self.random_state)
@@ -400,9 +466,12 @@ class LatencyPredictor:
             with threadpool_limits(1):
                 name, scores, _ = self._select(ts.X[k], y, ts.groups[k])
                 self.estimators_[k] = clone(cands[name]).fit(ts.X[k], np.log(y))
-                oof = self._out_of_fold(cands[name], ts.X[k], y, ts.groups[k]) if crossfit else y
-            self.selection_[k] = {"chosen": name, "cv_rmspe": scores, "rows": int(len(y))}
-            for g, v, o in zip(ts.groups[k], y, oof):
+                self.extras_[k] = _Extras(self.random_state).fit(ts.X[k], ts.extra[k])
+                total = y + ts.extra[k]
+                oof = self._out_of_fold(cands[name], ts.X[k], y, ts.extra[k], ts.groups[k]) if crossfit else total
+            self.selection_[k] = {"chosen": name, "cv_rmspe": scores, "rows": int(len(y)),
+                                  "extra_share": float(ts.extra[k].sum() / total.sum())}
+            for g, v, o in zip(ts.groups[k], total, oof):
                 measured_sum[g] = measured_sum.get(g, 0.0) + float(v)
                 oof_sum[g] = oof_sum.get(g, 0.0) + float(o)
         for model, f in fits.items():
@@ -456,10 +525,12 @@ class LatencyPredictor:
             if kind not in self.estimators_:
                 raise HwpruneError(f"the table never covered unit kind '{kind}' (layer '{tpl.slots[cols[0]].name}')")
             F = tpl.features(kind, cols, batch, cin, cout, pcin)
-            # one thread: OpenMP workers left spinning after a prediction would slow down
-            # the latency measurements that callers (validation, GCP's device check) take next
-            with threadpool_limits(1):
-                out[:, cols] = np.exp(self.estimators_[kind].predict(F)).reshape(n, len(cols))
+            # one thread for the small batches that come right before a measurement (validation,
+            # GCP's device check): OpenMP workers left spinning would slow it down; every core
+            # for bulk prediction (a search scoring thousands of configurations)
+            with threadpool_limits(1 if len(F) < BULK_ROWS else None):
+                out[:, cols] = (np.exp(self.estimators_[kind].predict(F))
+                                + self.extras_[kind].predict(F)).reshape(n, len(cols))
             lo, hi = self.ranges_[kind]
             extra[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
         return out, cin, cout, extra

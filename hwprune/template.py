@@ -18,6 +18,19 @@ from .errors import HwpruneError
 from .space import PruningSpace, WidthConfig
 
 
+def unblocked(depthwise, cin):
+    """Whether a convolution falls back from the blocked (NCHWc) kernels to plain NCHW.
+
+    ONNX Runtime's x86 CPU provider runs a convolution with 16 or more input channels that
+    are not a multiple of 4, and a depthwise one whose channels are not a multiple of 4, in
+    NCHW (im2col + GEMM, or the plain depthwise kernel) with reorders around it (read from
+    the tables' ``layout`` column). Other backends simply find the features built on this
+    uninformative.
+    """
+    cin = np.asarray(cin)
+    return (cin % 4 != 0) & (np.asarray(depthwise, dtype=bool) | (cin >= 16))
+
+
 @dataclass(frozen=True)
 class LayerSlot:
     name: str
@@ -94,10 +107,17 @@ class ModelTemplate:
         for j, s in enumerate(slots):
             g = s.in_group
             self.producers.append([i for i, p in enumerate(slots) if g >= 0 and p.out_group == g and i != j])
+        # The other layers writing the same channel group (the convolutions summed into one
+        # residual stream, or a depthwise layer and its expansion): the stream's layout is
+        # blocked only when every one of them runs blocked.
+        self.peers: list[list[int]] = [[i for i, p in enumerate(slots) if s.out_group >= 0 and p.out_group == s.out_group
+                                        and i != j] for j, s in enumerate(slots)]
+        self._dw = np.array([s.kind == "dwconv" for s in slots])
+        self._conv = np.array([s.kind != "linear" for s in slots])
 
     def width_matrix(self, configs: Sequence[WidthConfig | Mapping[str, int]]) -> np.ndarray:
         """Validated widths as an [N, groups] integer matrix."""
-        rows = [[self.space.validate(c).widths[g] for g in self.group_ids] for c in configs]
+        rows = [[v.widths[g] for g in self.group_ids] for v in map(self.space.validate, configs)]
         return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(self.group_ids))
 
     def producer_channels(self, cin: np.ndarray) -> np.ndarray:
@@ -108,6 +128,24 @@ class ModelTemplate:
                 out[:, j] = cin[:, prods[0]]
         return out
 
+    def unblocked(self, cin: np.ndarray) -> np.ndarray:
+        """[N, layers] booleans: the layer falls back from the blocked kernels (:func:`unblocked`)."""
+        return self._conv & unblocked(self._dw, np.atleast_2d(cin))
+
+    def layout_context(self, cin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer, how many of its input's producers and of its output's other writers
+        run unblocked ([N, layers] each). A single unblocked writer keeps a whole residual
+        stream in NCHW: every layer on it then pays reorders and an unfused Add."""
+        nb = self.unblocked(cin).astype(np.int64)
+        prod = np.zeros_like(nb)
+        peer = np.zeros_like(nb)
+        for j in range(len(self.slots)):
+            if self.producers[j]:
+                prod[:, j] = nb[:, self.producers[j]].sum(axis=1)
+            if self.peers[j]:
+                peer[:, j] = nb[:, self.peers[j]].sum(axis=1)
+        return prod, peer
+
     def features(self, kind: str, cols: list[int], batch: int, cin: np.ndarray, cout: np.ndarray,
                  pcin: np.ndarray) -> np.ndarray:
         """Predictor features of slots ``cols`` for every configuration (rows: config-major)."""
@@ -116,13 +154,15 @@ class ModelTemplate:
         cin, cout, pcin = np.atleast_2d(cin), np.atleast_2d(cout), np.atleast_2d(pcin)
         n = cin.shape[0]
         sl = [self.slots[j] for j in cols]
+        prod, peer = self.layout_context(cin)
 
         def rep(a):
             return np.tile(np.asarray(a), n)
 
         return layer_features(kind, batch, cin[:, cols].ravel(), cout[:, cols].ravel(), rep([s.kh for s in sl]),
                               rep([s.kw for s in sl]), rep([s.stride for s in sl]), rep([s.h for s in sl]),
-                              rep([s.w for s in sl]), pcin[:, cols].ravel(), rep([self.residual[j] for j in cols]))
+                              rep([s.w for s in sl]), pcin[:, cols].ravel(), rep([self.residual[j] for j in cols]),
+                              prod[:, cols].ravel(), peer[:, cols].ravel())
 
     def channels(self, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Input and output channels of every slot: two [N, layers] matrices."""

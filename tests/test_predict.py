@@ -325,3 +325,51 @@ def test_calibration_maps_layer_sums_to_end_to_end_time(table, space, calibratio
     assert np.median(np.abs(p / e2e["median_ms"].to_numpy() - 1)) < 0.25
     with pytest.raises(HwpruneError, match="unknown calibration 'nope'"):
         LatencyPredictor(calibration="nope").fit(table)
+
+
+def test_layout_context_counts_unblocked_neighbours(space):
+    """One convolution that falls back to NCHW (>= 16 input channels, not a multiple of 4) is
+    counted by every other writer of its output group (peers) and by that group's readers
+    (producers), and by nobody else."""
+    tpl = ModelTemplate(space)
+    j = tpl.layer_names.index("layer2.0.conv2")
+    inner = tpl.group_ids[tpl.slots[j].in_group]
+    W = tpl.width_matrix([space.full(), {inner: 30}, {inner: 13}, {inner: 28}])
+    cin, _ = tpl.channels(W)
+    nb = tpl.unblocked(cin)
+    assert not nb[0].any() and nb[1].tolist() == [k == j for k in range(len(tpl.slots))]
+    assert not nb[2].any() and not nb[3].any()  # fewer than 16 channels, or a multiple of 4: blocked
+    prod, peer = tpl.layout_context(cin)
+    assert not prod[[0, 2, 3]].any() and not peer[[0, 2, 3]].any()
+    g = tpl.slots[j].out_group
+    writers = {k for k, s in enumerate(tpl.slots) if s.out_group == g and k != j}
+    readers = {k for k, s in enumerate(tpl.slots) if s.in_group == g}
+    assert len(writers) >= 2 and readers  # the stage's other blocks and its shortcut
+    assert {k for k in range(len(tpl.slots)) if peer[1, k]} == writers
+    assert {k for k in range(len(tpl.slots)) if prod[1, k]} == readers
+    assert peer[1].max() == 1 and prod[1].max() == 1
+
+
+def test_kernels_and_extras_are_learnt_apart_and_add_up(table, predictor):
+    """The training targets split each layer's in-situ time into its own kernel and the
+    nodes around it, losing nothing; predictions add both back."""
+    ts, fits, sums = predictor._training_set(table)
+    assert set(ts.extra) == set(ts.y) and all((ts.extra[k] >= 0).all() for k in ts.y)
+    assert set(predictor.extras_) == set(predictor.estimators_)
+    item = sums["item"].iloc[0]
+    tpl = fits["cifar_resnet20"].template
+    rows = table.rows[(table.rows["item"] == item) & (table.rows["source"] == "insitu")]
+    from hwprune.predict import _attribute
+
+    att = _attribute(rows, set(tpl.layer_names))
+    charged = (rows["median_ms"] - predictor.node_overhead_ms_).clip(lower=1e-4)[att.notna()].sum()
+    got = sum((ts.y[k] + ts.extra[k])[ts.groups[k] == f"cifar_resnet20/{item}"].sum() for k in ts.y)
+    assert got == pytest.approx(charged, rel=1e-6)
+    for k, sel in predictor.selection_.items():
+        if k != "calibration":
+            assert 0 <= sel["extra_share"] < 1
+    F = tpl.features("conv", [0], 1, *tpl.channels(tpl.width_matrix([{}])),
+                     tpl.producer_channels(tpl.channels(tpl.width_matrix([{}]))[0]))
+    _, layers = predictor.predict_layers("cifar_resnet20", {})
+    want = np.exp(predictor.estimators_["conv"].predict(F))[0] + predictor.extras_["conv"].predict(F)[0]
+    assert layers[0].predicted_ms == pytest.approx(want)
