@@ -61,11 +61,14 @@ def predict(table: Path = typer.Option(..., "--table"),
     if as_json:
         _echo_json(doc)
         return
-    tab = Table("layer", "kind", "cin", "cout", "hw", "ms", title=f"{model}: predicted {total:.3f} ms")
+    tab = Table("layer", "kind", "cin", "cout", "hw", "ms", "extras",
+                title=f"{model}: predicted {total:.3f} ms")
     for l in layers:
         tab.add_row(l.layer, l.kind, str(l.cin), str(l.cout), f"{l.h}x{l.w}",
-                    f"{l.predicted_ms:.4f}" + (" *" if l.extrapolated else ""))
+                    f"{l.predicted_ms:.4f}" + (" *" if l.extrapolated else ""), f"{l.extra_ms:.4f}")
     console.print(tab)
+    console.print("extras: the part of a layer's ms spent around its kernel (layout reorders, unfused Adds, "
+                  "poolings), set by its neighbours' widths")
     if extrapolated:
         console.print(f"[yellow]* extrapolated beyond the table's range[/] ({len(extrapolated)} layers)")
 

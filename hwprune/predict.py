@@ -249,6 +249,9 @@ class LayerPrediction:
     stride: int
     predicted_ms: float
     extrapolated: bool
+    #: of ``predicted_ms``, the nodes the runtime runs around the kernel (layout reorders,
+    #: an unfused Add or activation, a pooling): where a neighbour's width costs this layer
+    extra_ms: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -508,8 +511,10 @@ class LatencyPredictor:
                 raise TableMismatch(f"the predictor's table has {k}={self.settings_.get(k)!r}, "
                                     f"requested {settings[k]!r}")
 
-    def _layer_matrix(self, model: str, configs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per-layer predictions [N, layers], channel matrices and the extrapolation mask."""
+    def _layer_matrix(self, model: str, configs
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-layer predictions [N, layers], channel matrices, the extrapolation mask and
+        the extras' part of the predictions."""
         tpl = self._check(model).template
         W = configs if isinstance(configs, np.ndarray) else tpl.width_matrix(list(configs))
         cin, cout = tpl.channels(W)
@@ -517,7 +522,8 @@ class LatencyPredictor:
         n, L = cin.shape
         batch = int(self.settings_.get("batch") or 1)
         out = np.zeros((n, L))
-        extra = np.zeros((n, L), dtype=bool)
+        extras = np.zeros((n, L))
+        outside = np.zeros((n, L), dtype=bool)
         for kind in KINDS:
             cols = [j for j, s in enumerate(tpl.slots) if s.kind == kind]
             if not cols:
@@ -529,11 +535,11 @@ class LatencyPredictor:
             # GCP's device check): OpenMP workers left spinning would slow it down; every core
             # for bulk prediction (a search scoring thousands of configurations)
             with threadpool_limits(1 if len(F) < BULK_ROWS else None):
-                out[:, cols] = (np.exp(self.estimators_[kind].predict(F))
-                                + self.extras_[kind].predict(F)).reshape(n, len(cols))
+                extras[:, cols] = self.extras_[kind].predict(F).reshape(n, len(cols))
+                out[:, cols] = np.exp(self.estimators_[kind].predict(F)).reshape(n, len(cols)) + extras[:, cols]
             lo, hi = self.ranges_[kind]
-            extra[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
-        return out, cin, cout, extra
+            outside[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
+        return out, cin, cout, outside, extras
 
     def _layer_sum(self, model: str, configs) -> np.ndarray:
         return self._layer_matrix(model, configs)[0].sum(axis=1)
@@ -544,9 +550,10 @@ class LatencyPredictor:
 
     def predict_layers(self, model: str, config: WidthConfig | Mapping[str, int]) -> tuple[float, list[LayerPrediction]]:
         f = self._check(model)
-        per, cin, cout, extra = self._layer_matrix(model, [config])
+        per, cin, cout, outside, extras = self._layer_matrix(model, [config])
         layers = [LayerPrediction(s.name, s.kind, int(cin[0, j]), int(cout[0, j]), s.h, s.w, s.kh, s.stride,
-                                  float(per[0, j]), bool(extra[0, j])) for j, s in enumerate(f.template.slots)]
+                                  float(per[0, j]), bool(outside[0, j]), float(extras[0, j]))
+                  for j, s in enumerate(f.template.slots)]
         return float(f(per.sum())), layers
 
     def marginal_costs(self, model: str, config: WidthConfig | Mapping[str, int],

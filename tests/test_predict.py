@@ -143,6 +143,7 @@ def test_cli_widths_predict_validate(table_path, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["predicted_ms"] > 0 and len(out["layers"]) == 22 and "extrapolated" in out
+    assert all(0 <= l["extra_ms"] < l["predicted_ms"] for l in out["layers"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": "cifar_resnet20", "widths": {"conv1": 99}}))
     r = run_cli("predict", "--table", str(table_path), "--model", "cifar_resnet20", "--widths", str(bad))
@@ -371,5 +372,7 @@ def test_kernels_and_extras_are_learnt_apart_and_add_up(table, predictor):
     F = tpl.features("conv", [0], 1, *tpl.channels(tpl.width_matrix([{}])),
                      tpl.producer_channels(tpl.channels(tpl.width_matrix([{}]))[0]))
     _, layers = predictor.predict_layers("cifar_resnet20", {})
-    want = np.exp(predictor.estimators_["conv"].predict(F))[0] + predictor.extras_["conv"].predict(F)[0]
-    assert layers[0].predicted_ms == pytest.approx(want)
+    extras = predictor.extras_["conv"].predict(F)[0]
+    assert layers[0].predicted_ms == pytest.approx(np.exp(predictor.estimators_["conv"].predict(F))[0] + extras)
+    assert layers[0].extra_ms == pytest.approx(extras)
+    assert all(0 <= l.extra_ms < l.predicted_ms for l in layers)  # reported per layer (hwprune predict)
