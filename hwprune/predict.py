@@ -56,9 +56,9 @@ from .space import PruningSpace, WidthConfig
 from .table import LatencyTable
 from .template import ModelTemplate, unblocked
 
+#: unit kinds, which are also the table row kinds of a layer's own kernel (every other row
+#: charged to a layer is one of its extras)
 KINDS = ("conv", "dwconv", "linear")
-#: table row kinds that are a layer's own kernel (everything else charged to it is "extra")
-KERNEL_NODES = ("conv", "dwconv", "linear")
 #: feature rows from which a prediction uses every core
 BULK_ROWS = 100_000
 
@@ -191,13 +191,6 @@ def _calibration_loo(kind: str, measured: np.ndarray, oof: np.ndarray, e2e: np.n
 # ---------------------------------------------------------------------------------------
 # Extras: the nodes around a layer's kernel
 # ---------------------------------------------------------------------------------------
-def _extra_regressor(seed: int):
-    from sklearn.ensemble import HistGradientBoostingRegressor
-
-    return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, max_leaf_nodes=31, min_samples_leaf=8,
-                                         random_state=seed)
-
-
 class _Extras:
     """Milliseconds of the nodes the runtime runs around a layer's kernel: layout reorders,
     an Add or activation it did not fuse, a pooling on its output.
@@ -212,7 +205,10 @@ class _Extras:
     """
 
     def __init__(self, seed: int):
-        self.est = _extra_regressor(seed)
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        self.est = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, max_leaf_nodes=31,
+                                                 min_samples_leaf=8, random_state=seed)
 
     def fit(self, X: np.ndarray, extra_ms: np.ndarray) -> "_Extras":
         self.est.fit(X, extra_ms)
@@ -344,16 +340,15 @@ class LatencyPredictor:
                 attributed = _attribute(nodes, names)
                 time_ms = (nodes["median_ms"] - self.node_overhead_ms_).clip(lower=1e-4)
                 per_layer = time_ms.groupby(attributed).sum()
-                own = nodes["kind"].isin(KERNEL_NODES).to_numpy() & (nodes["layer"] == attributed).to_numpy()
+                own = nodes["kind"].isin(KINDS).to_numpy() & (nodes["layer"] == attributed).to_numpy()
                 kernel = time_ms[own].groupby(attributed[own]).sum()
                 W = tpl.width_matrix([json.loads(e.widths)])
                 cin, cout = tpl.channels(W)
-                pcin = tpl.producer_channels(cin)
                 for kind in KINDS:
                     js = [j for j, s in enumerate(tpl.slots) if s.kind == kind and s.name in kernel.index]
                     if not js:
                         continue
-                    X[kind].extend(tpl.features(kind, js, batch, cin[0], cout[0], pcin[0]))
+                    X[kind].extend(tpl.features(kind, js, batch, cin[0], cout[0]))
                     y[kind].extend(float(kernel[tpl.slots[j].name]) for j in js)
                     extra[kind].extend(max(float(per_layer[tpl.slots[j].name] - kernel[tpl.slots[j].name]), 0.0)
                                        for j in js)
@@ -518,7 +513,6 @@ class LatencyPredictor:
         tpl = self._check(model).template
         W = configs if isinstance(configs, np.ndarray) else tpl.width_matrix(list(configs))
         cin, cout = tpl.channels(W)
-        pcin = tpl.producer_channels(cin)
         n, L = cin.shape
         batch = int(self.settings_.get("batch") or 1)
         out = np.zeros((n, L))
@@ -530,7 +524,7 @@ class LatencyPredictor:
                 continue
             if kind not in self.estimators_:
                 raise HwpruneError(f"the table never covered unit kind '{kind}' (layer '{tpl.slots[cols[0]].name}')")
-            F = tpl.features(kind, cols, batch, cin, cout, pcin)
+            F = tpl.features(kind, cols, batch, cin, cout)
             # one thread for the small batches that come right before a measurement (validation,
             # GCP's device check): OpenMP workers left spinning would slow it down; every core
             # for bulk prediction (a search scoring thousands of configurations)

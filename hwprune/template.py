@@ -132,29 +132,30 @@ class ModelTemplate:
         """[N, layers] booleans: the layer falls back from the blocked kernels (:func:`unblocked`)."""
         return self._conv & unblocked(self._dw, np.atleast_2d(cin))
 
-    def layout_context(self, cin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per layer, how many of its input's producers and of its output's other writers
-        run unblocked ([N, layers] each). A single unblocked writer keeps a whole residual
-        stream in NCHW: every layer on it then pays reorders and an unfused Add."""
+    def layout_context(self, cin: np.ndarray, cols: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer (all, or ``cols``), how many of its input's producers and of its output's
+        other writers run unblocked ([N, layers] each). A single unblocked writer keeps a whole
+        residual stream in NCHW: every layer on it then pays reorders and an unfused Add."""
         nb = self.unblocked(cin).astype(np.int64)
-        prod = np.zeros_like(nb)
-        peer = np.zeros_like(nb)
-        for j in range(len(self.slots)):
+        cols = range(len(self.slots)) if cols is None else cols
+        prod = np.zeros((nb.shape[0], len(cols)), dtype=np.int64)
+        peer = np.zeros_like(prod)
+        for c, j in enumerate(cols):
             if self.producers[j]:
-                prod[:, j] = nb[:, self.producers[j]].sum(axis=1)
+                prod[:, c] = nb[:, self.producers[j]].sum(axis=1)
             if self.peers[j]:
-                peer[:, j] = nb[:, self.peers[j]].sum(axis=1)
+                peer[:, c] = nb[:, self.peers[j]].sum(axis=1)
         return prod, peer
 
-    def features(self, kind: str, cols: list[int], batch: int, cin: np.ndarray, cout: np.ndarray,
-                 pcin: np.ndarray) -> np.ndarray:
+    def features(self, kind: str, cols: list[int], batch: int, cin: np.ndarray, cout: np.ndarray) -> np.ndarray:
         """Predictor features of slots ``cols`` for every configuration (rows: config-major)."""
         from .predict import layer_features
 
-        cin, cout, pcin = np.atleast_2d(cin), np.atleast_2d(cout), np.atleast_2d(pcin)
+        cin, cout = np.atleast_2d(cin), np.atleast_2d(cout)
         n = cin.shape[0]
         sl = [self.slots[j] for j in cols]
-        prod, peer = self.layout_context(cin)
+        pcin = self.producer_channels(cin)
+        prod, peer = self.layout_context(cin, cols)
 
         def rep(a):
             return np.tile(np.asarray(a), n)
@@ -162,7 +163,7 @@ class ModelTemplate:
         return layer_features(kind, batch, cin[:, cols].ravel(), cout[:, cols].ravel(), rep([s.kh for s in sl]),
                               rep([s.kw for s in sl]), rep([s.stride for s in sl]), rep([s.h for s in sl]),
                               rep([s.w for s in sl]), pcin[:, cols].ravel(), rep([self.residual[j] for j in cols]),
-                              prod[:, cols].ravel(), peer[:, cols].ravel())
+                              prod.ravel(), peer.ravel())
 
     def channels(self, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Input and output channels of every slot: two [N, layers] matrices."""

@@ -164,7 +164,7 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     for m, cfg in plan:
         p, layers = pred.predict_layers(m, cfg)
         predicted.append((p, any(l.extrapolated for l in layers)))
-    ref_pred = {m: float(pred.predict(m, [spaces[m].uniform(1.0)])[0]) for m in models} if paired else {}
+    ref_pred = {m: float(pred.predict(m, [spaces[m].full()])[0]) for m in models} if paired else {}
     time.sleep(0.5)
     out: list[ValidationSample] = []
     t0 = time.perf_counter()

@@ -369,8 +369,7 @@ def test_kernels_and_extras_are_learnt_apart_and_add_up(table, predictor):
     for k, sel in predictor.selection_.items():
         if k != "calibration":
             assert 0 <= sel["extra_share"] < 1
-    F = tpl.features("conv", [0], 1, *tpl.channels(tpl.width_matrix([{}])),
-                     tpl.producer_channels(tpl.channels(tpl.width_matrix([{}]))[0]))
+    F = tpl.features("conv", [0], 1, *tpl.channels(tpl.width_matrix([{}])))
     _, layers = predictor.predict_layers("cifar_resnet20", {})
     extras = predictor.extras_["conv"].predict(F)[0]
     assert layers[0].predicted_ms == pytest.approx(np.exp(predictor.estimators_["conv"].predict(F))[0] + extras)
