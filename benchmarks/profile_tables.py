@@ -150,16 +150,21 @@ def write_tables_readme() -> None:
              "`hwprune.LatencyTable.load(path)` or inspect it with `hwprune table info PATH`.", "",
              "Only use a table for the device and settings it was measured with: hwprune refuses to merge or",
              "validate tables across devices or settings. Profile your own device with the same command.", "",
-             "| table | model | batch | threads | configs | rows | device | backend | profiled (s) | date | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "*Profiler overhead*: what the layer profiler adds to each node it times (`TableMeta.node_overhead_ms`,",
+             "measured with two chains of tiny nodes; the predictor takes it off every node). The tables written",
+             "before session 9 got it from `hwprune profile ... --resume` on the same VM on 2026-11-22.", "",
+             "| table | model | batch | threads | configs | rows | device | backend | profiled (s) "
+             "| profiler overhead (us/node) | date | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(TABLES.glob("*/*.parquet")):
         t = LatencyTable.load(path)
         s, fp = t.settings, t.meta.fingerprint
+        ov = "-" if t.meta.node_overhead_ms is None else f"{t.meta.node_overhead_ms * 1000:.2f}"
         lines.append(f"| `{path.relative_to(TABLES)}` | {', '.join(t.meta.models)} | {s.get('batch')} | {s.get('threads')} | "
                      f"{t.meta.items_done}/{t.meta.items_planned} | {len(t)} | {fp.get('cpu_model')} "
                      f"({fp.get('cpu_cores')} cores, {' '.join(fp.get('cpu_flags') or [])}) | "
                      f"{s.get('backend')} {s.get('backend_version')} {s.get('execution_provider')} | "
-                     f"{t.meta.profile_seconds:.0f} | {t.meta.created[:10]} | `{_short(t.meta.command)}` |")
+                     f"{t.meta.profile_seconds:.0f} | {ov} | {t.meta.created[:10]} | `{_short(t.meta.command)}` |")
     lines += ["", "No GPU tables yet: no NVIDIA GPU was available when these were made. On a GPU machine:",
               "`hwprune profile --model resnet50 --backend torch --device cuda --batch 64 --out ...` and",
               "`pip install -e '.[tensorrt]'` then `--backend tensorrt --device cuda`."]

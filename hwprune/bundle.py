@@ -22,6 +22,7 @@ from .measure import MeasureConfig, Measurement, Stats
 from .profiler import ProfilePlan, item_rows, pick_micro, plan_items
 from .space import WidthConfig
 from .table import LatencyTable, TableMeta
+from .units import chain_onnx
 
 
 def write_bundle(plan: ProfilePlan, out: str | Path, threads: int | None = None,
@@ -48,8 +49,13 @@ def write_bundle(plan: ProfilePlan, out: str | Path, threads: int | None = None,
                           "layer": name, "spec": spec.to_dict(), "onnx": str(upath.relative_to(out)), "e2e": False})
     if progress:
         progress("", len(configs), len(configs))
+    probe = {"n_short": 20, "n_long": 220}  # what the device's profiler adds per node (ort_runner.node_overhead_ms)
+    for key in ("short", "long"):
+        probe[key] = str(chain_onnx(out / "models" / f"chain{probe['n_' + key]}.onnx", probe["n_" + key])
+                         .relative_to(out))
     manifest = {"format": BUNDLE_FORMAT, "plan": plan.to_dict(), "threads": threads,
-                "measure": (measure or MeasureConfig(warmup_s=0.1, min_time_s=0.5)).to_dict(), "items": items}
+                "measure": (measure or MeasureConfig(warmup_s=0.1, min_time_s=0.5)).to_dict(), "items": items,
+                "probe": probe}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return len(items)
 
@@ -71,8 +77,10 @@ def import_results(bundle: str | Path, out: str | Path) -> LatencyTable:
                 "precision": "fp32", "inter_op_threads": ort["inter_op_threads"],
                 "graph_optimization": ort["graph_optimization"], "spinning": ort["spinning"],
                 "batch": plan["batch"], "input_size": plan["input_size"]}
+    probe = bundle / "results" / "probe.json"
     meta = TableMeta(settings=settings, fingerprint=device["fingerprint"], models=list(plan["models"]), plan=plan,
-                     command=device.get("command", ""))
+                     command=device.get("command", ""),
+                     node_overhead_ms=json.loads(probe.read_text())["node_overhead_ms"] if probe.exists() else None)
     rows: list[dict] = []
     parents = [i for i in manifest["items"] if i["kind"] == "model"]
     done = 0

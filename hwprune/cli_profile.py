@@ -81,7 +81,7 @@ def groups(model: str = typer.Option(..., "--model", help="Model name."),
 def _summary_table(summary: dict) -> Table:
     t = Table("field", "value", title="latency table")
     for k in ("models", "rows", "e2e_rows", "insitu_rows", "micro_rows", "distinct_units", "unstable_rows",
-              "slow_state_configs", "e2e_ms_min", "e2e_ms_max", "items", "complete", "profile_seconds"):
+              "slow_state_configs", "e2e_ms_min", "e2e_ms_max", "items", "complete", "profile_seconds", "node_overhead_us"):
         v = summary.get(k)
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     s = summary["settings"]

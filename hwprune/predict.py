@@ -296,11 +296,12 @@ class LatencyPredictor:
         With ``drop_slow``, configurations a gated profile marked as timed in the host's slow
         state (``state_ok=False``) are left out, provided at least 5 others remain.
 
-        The profiler adds a few microseconds to every node it times, and the number of
-        executed nodes varies with the widths (reorders, unfused element-wise nodes). That
-        per-node overhead is estimated from the table itself, by regressing each
-        configuration's end-to-end time on its summed node times and its node count, and
-        taken off every node before the layers are summed.
+        The profiler adds about a microsecond to every node it times, and the number of
+        executed nodes varies with the widths (reorders, unfused element-wise nodes). The
+        profiler measures that per-node overhead when it builds a table (two chains of tiny
+        nodes, timed with and without profiling: ``TableMeta.node_overhead_ms``), and it
+        is taken off every node before the layers are summed. Tables without it (older
+        ones; ``hwprune profile --resume`` on their device adds it) are used as they are.
         """
         rows = table.rows
         slow_items = table.slow_items()  # gated runs: the bracket stayed slow
@@ -311,15 +312,8 @@ class LatencyPredictor:
             rows = rows[~rows["item"].isin(slow_items)]
         batch = int(table.settings.get("batch") or 1)
         insitu = rows[rows["source"] == "insitu"]
-        e2e_all = rows[rows["source"] == "e2e"].set_index("item")
-        per_item = insitu.groupby("item")["median_ms"].agg(["sum", "size"]).join(
-            e2e_all[["median_ms", "model"]], how="inner")
-        self.node_overhead_ms_ = 0.0
-        if len(per_item) >= 5:  # e2e ~ a * sum + c * nodes + (one intercept per model)
-            dummies = pd.get_dummies(per_item["model"]).to_numpy(dtype=float)
-            A = np.column_stack([per_item["sum"], per_item["size"], dummies])
-            a, c = np.linalg.lstsq(A, per_item["median_ms"].to_numpy(), rcond=None)[0][:2]
-            self.node_overhead_ms_ = float(min(max(-c / a, 0.0), 0.05)) if a > 0 else 0.0
+        measured = table.meta.node_overhead_ms
+        self.node_overhead_ms_ = float(measured) if measured is not None else 0.0
         X: dict[str, list] = {k: [] for k in KINDS}
         y: dict[str, list] = {k: [] for k in KINDS}
         extra: dict[str, list] = {k: [] for k in KINDS}

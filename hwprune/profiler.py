@@ -144,9 +144,15 @@ class Profiler:
                 if theirs.get(k) != v:
                     raise TableMismatch(f"cannot resume '{self.out}': its plan has {k}={theirs.get(k)!r}, "
                                         f"this run asks for {v!r}")
-            return table
-        meta = TableMeta(settings=self.settings(), models=list(self.plan.models), plan=self.plan.to_dict())
-        return LatencyTable(None, meta)
+        else:
+            table = LatencyTable(None, TableMeta(settings=self.settings(), models=list(self.plan.models),
+                                                 plan=self.plan.to_dict()))
+        if table.meta.node_overhead_ms is None:  # new tables, and older ones resumed on their device
+            with tempfile.TemporaryDirectory(prefix="hwprune-probe-") as d:
+                table.meta.node_overhead_ms = self.backend.node_overhead_ms(Path(d))
+            if table.meta.node_overhead_ms is not None and len(table):
+                table.save(self.out)
+        return table
 
     def run(self, resume: bool = False, overwrite: bool = False, max_minutes: float | None = None,
             progress: ProgressFn | None = None) -> LatencyTable:

@@ -60,6 +60,11 @@ def _version() -> str:
     return __version__
 
 
+def _mean_known(*values: float | None) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 @dataclass
 class TableMeta:
     settings: dict
@@ -74,6 +79,7 @@ class TableMeta:
     command: str = field(default_factory=lambda: command_line())
     hwprune_version: str = field(default_factory=_version)
     profile_seconds: float = 0.0
+    node_overhead_ms: float | None = None  # what the layer profiler adds to each node it times, measured
     format: str = FORMAT
 
     def to_dict(self) -> dict:
@@ -157,6 +163,7 @@ class LatencyTable:
             "complete": self.complete,
             "items": f"{self.meta.items_done}/{self.meta.items_planned}",
             "profile_seconds": round(self.meta.profile_seconds, 1),
+            "node_overhead_us": None if self.meta.node_overhead_ms is None else round(self.meta.node_overhead_ms * 1e3, 3),
             "settings": self.settings,
             "device": {k: self.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores", "gpus")},
         }
@@ -242,7 +249,9 @@ class LatencyTable:
                                     "complete": self.complete and other.complete,
                                     "items_done": self.meta.items_done + other.meta.items_done,
                                     "items_planned": self.meta.items_planned + other.meta.items_planned,
-                                    "profile_seconds": self.meta.profile_seconds + other.meta.profile_seconds})
+                                    "profile_seconds": self.meta.profile_seconds + other.meta.profile_seconds,
+                                    "node_overhead_ms": _mean_known(self.meta.node_overhead_ms,
+                                                                    other.meta.node_overhead_ms)})
         return LatencyTable(pd.concat([self.rows, other.rows], ignore_index=True), meta)
 
     def append(self, rows: Iterable[Mapping]) -> None:

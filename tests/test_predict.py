@@ -366,6 +366,12 @@ def test_kernels_and_extras_are_learnt_apart_and_add_up(table, predictor):
     charged = (rows["median_ms"] - predictor.node_overhead_ms_).clip(lower=1e-4)[att.notna()].sum()
     got = sum((ts.y[k] + ts.extra[k])[ts.groups[k] == f"cifar_resnet20/{item}"].sum() for k in ts.y)
     assert got == pytest.approx(charged, rel=1e-6)
+    # the profiler's per-node overhead, measured with the table, is what comes off every node
+    assert predictor.node_overhead_ms_ == table.meta.node_overhead_ms > 0
+    raw = LatencyTable(table.rows, replace(table.meta, node_overhead_ms=None))  # an older table: nothing off
+    ts0, _, _ = LatencyPredictor(min_rows=10)._training_set(raw)
+    assert sum(ts0.y[k].sum() + ts0.extra[k].sum() for k in ts0.y) > sum(ts.y[k].sum() + ts.extra[k].sum()
+                                                                          for k in ts.y)
     for k, sel in predictor.selection_.items():
         if k != "calibration":
             assert 0 <= sel["extra_share"] < 1

@@ -97,6 +97,35 @@ def test_profile_writes_a_complete_table_with_metadata(tmp_path, quick):
     # every width configuration is stored with its e2e row
     widths = [json.loads(w) for w in t.e2e["widths"]]
     assert all(len(w) == 12 for w in widths)
+    # what the profiler adds to each node, measured with the table: about 1 us on x86 CPUs
+    assert t.meta.node_overhead_ms is not None and 1e-4 < t.meta.node_overhead_ms < 0.02
+
+
+def test_profiler_overhead_is_reported_minus_real_time_per_node(tmp_path, ort):
+    """Chains of tiny nodes: the profiler reports more per node than the node adds end to end."""
+    from hwprune.device.ort_runner import node_overhead_ms, profile_model, time_model
+    from hwprune.units import chain_onnx
+
+    short, long = chain_onnx(tmp_path / "a.onnx", 10), chain_onnx(tmp_path / "b.onnx", 110)
+    assert len(profile_model(long, ort.ort, ort.measure_cfg)) == 110  # nothing fused away
+    real = (time_model(long, ort.ort, ort.measure_cfg).median_ms
+            - time_model(short, ort.ort, ort.measure_cfg).median_ms) / 100
+    ov = node_overhead_ms(short, long, 10, 110, ort.ort, ort.measure_cfg)
+    assert 1e-4 < ov < 0.02 and ov > 0.2 * real  # a real share of a node this small
+
+
+def test_resume_measures_the_overhead_an_older_table_lacks(tmp_path, quick):
+    out = tmp_path / "old.parquet"
+    profile("cifar_resnet20", out, threads=1, configs=2, micro_per_config=0, measure=quick)
+    old = LatencyTable.load(out)
+    old.meta.node_overhead_ms = None  # as tables written before the probe
+    old.save(out)
+    args = ["profile", "--model", "cifar_resnet20", "--configs", "2", "--micro", "0", "--threads", "1", "--quick",
+            "--out", str(out), "--resume"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    new = LatencyTable.load(out)
+    assert new.meta.node_overhead_ms is not None and new.rows.equals(old.rows)  # nothing re-measured
 
 
 def test_table_round_trip_and_mismatch(tmp_path):
@@ -254,6 +283,7 @@ def test_device_runner_without_torch(tmp_path):
     assert t.complete and len(t.e2e) == 2 and len(t.source("micro")) >= 1
     assert t.settings["threads"] == 1 and t.settings["backend"] == "onnxruntime"
     assert (t.source("insitu")["layer"] == "layer1.0.conv1").any()
+    assert 1e-4 < t.meta.node_overhead_ms < 0.02  # the device measured its profiler's overhead too
 
 
 def _slow_reference_first(quick, factors):

@@ -112,6 +112,11 @@ class Backend(abc.ABC):
     def measure_unit(self, spec: UnitSpec, workdir: Path) -> list[LayerTiming]:
         """Micro-benchmark one isolated unit: the times of the nodes the runtime executes for it."""
 
+    def node_overhead_ms(self, workdir: Path) -> float | None:
+        """What this backend's layer profiler adds to every node it times (ms per node), or
+        None where it is not measured. The predictor takes it off each profiled node."""
+        return None
+
     def needs_onnx(self) -> bool:
         """Whether artifacts must carry an ONNX file (else an nn.Module)."""
         return True

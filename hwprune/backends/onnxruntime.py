@@ -9,9 +9,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..device.ort_runner import OrtSettings, ort_version, profile_model, time_model, time_pair
+from ..device.ort_runner import OrtSettings, node_overhead_ms, ort_version, profile_model, time_model, time_pair
 from ..measure import Measurement
-from ..units import UnitSpec
+from ..units import UnitSpec, chain_onnx
 from .base import Backend, LayerTiming, ModelArtifact, register_backend
 
 
@@ -76,6 +76,11 @@ class OnnxRuntimeBackend(Backend):
             opt = Path(d) / "optimized.onnx"
             nodes = profile_model(src, self.ort, self.measure_cfg, optimized_path=opt)
             return OrtGraphReader(src, opt).units(nodes)
+
+    def node_overhead_ms(self, workdir: Path) -> float:
+        """Per-node profiler overhead, from two chains of tiny nodes (20 and 220 long)."""
+        short, long = (chain_onnx(Path(workdir) / f"chain{n}.onnx", n) for n in (20, 220))
+        return node_overhead_ms(short, long, 20, 220, self.ort, self.measure_cfg)
 
     def measure_unit(self, spec: UnitSpec, workdir: Path) -> list[LayerTiming]:
         """The unit's executed nodes, timed by the runtime's profiler in an isolated model."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..fingerprint import fingerprint
 from ..io import atomic_write_text
 from ..measure import MeasureConfig
-from .ort_runner import OrtSettings, ort_version, profile_model, time_model
+from .ort_runner import OrtSettings, node_overhead_ms, ort_version, profile_model, time_model
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "hwprune.bundle/1"
@@ -64,6 +64,12 @@ def run_bundle(bundle: str | Path, threads: int | None = None, max_minutes: floa
     items = manifest["items"]
     t0 = time.perf_counter()
     done = 0
+    probe, probe_out = manifest.get("probe"), results / "probe.json"
+    if probe and not probe_out.exists():  # what this device's profiler adds to each node it times
+        ov = node_overhead_ms(bundle / probe["short"], bundle / probe["long"], probe["n_short"], probe["n_long"],
+                              settings, cfg)
+        atomic_write_text(probe_out, json.dumps({"node_overhead_ms": ov}))
+        log(f"profiler overhead: {ov * 1000:.2f} us per node")
     for k, item in enumerate(items):
         out = result_path(bundle, item["id"])
         if out.exists():
