@@ -115,7 +115,9 @@ def repredict(r: dict) -> dict:
     r.update({"fit_seconds": fit_s, "selection": pred.selection_,
               "repredicted": f"predictions re-made on {time.strftime('%Y-%m-%d')} by the predictor of commit {rev} "
                              "(on top of it: uncommitted changes, if any); measurements unchanged"})
-    plot_validation(SimpleNamespace(samples=samples), ROOT / r["plot"],
+    png = RESULTS / f"{stem()}_{r['tag'].split(':')[0].replace(' ', '_')}_b{r['batch']}.png"  # this file's name
+    r["plot"] = str(png.relative_to(ROOT))
+    plot_validation(SimpleNamespace(samples=samples), png,
                     title=f"{r['tag']}, batch {r['batch']}: n={r['n']}, {100 * r['within_5pct']:.0f}% within "
                           f"±5%, {100 * r['within_10pct']:.0f}% within ±10%")
     return r
