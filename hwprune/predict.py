@@ -112,6 +112,26 @@ def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0
     return np.stack(cols, axis=1)
 
 
+#: The kernel regressors learn log(time per kernel FLOP), not log(time): a tree predicts a
+#: constant beyond the table's range, and on this target the constant is a cost per FLOP,
+#: so a layer smaller than any the table holds is predicted smaller too instead of at the
+#: smallest table layer's time (mobilenet_v2's early depthwise layers, pruned below the
+#: table's range, were predicted 1.5-2.7x too slow). Chosen on table cross-validation:
+#: within ±5% 72.9% -> 76.2% (batch 1), 74.4% -> 75.6% (batch 8), 55.0% -> 62.5% (held-out
+#: families); half the FLOP exponent scored between the two.
+FLOP_SCALE = 1.0
+
+
+def _kernel_target(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """What the kernel regressors learn from feature rows ``X`` and kernel times ``y`` (ms)."""
+    return np.log(y) - FLOP_SCALE * X[:, -1]  # the last feature is log kernel FLOPs
+
+
+def _kernel_ms(est, X: np.ndarray) -> np.ndarray:
+    """Kernel times (ms) from a regressor fitted on :func:`_kernel_target`."""
+    return np.exp(est.predict(X) + FLOP_SCALE * X[:, -1])
+
+
 # ---------------------------------------------------------------------------------------
 # Training data from a table
 # ---------------------------------------------------------------------------------------
@@ -383,7 +403,7 @@ class LatencyPredictor:
         for name in names:
             pred = np.empty_like(y)
             for tr, te in folds:
-                pred[te] = np.exp(clone(cands[name]).fit(X[tr], np.log(y[tr])).predict(X[te]))
+                pred[te] = _kernel_ms(clone(cands[name]).fit(X[tr], _kernel_target(X[tr], y[tr])), X[te])
             scores[name] = float(np.sqrt(np.mean(((pred - y) / y) ** 2)))
             oof[name] = pred
         best = min(scores, key=scores.get)
@@ -400,7 +420,7 @@ class LatencyPredictor:
             return y + extra
         out = np.empty_like(y)
         for tr, te in GroupKFold(n_splits=min(self.cv_folds, n_groups)).split(X, y, groups):
-            out[te] = (np.exp(clone(est).fit(X[tr], np.log(y[tr])).predict(X[te]))
+            out[te] = (_kernel_ms(clone(est).fit(X[tr], _kernel_target(X[tr], y[tr])), X[te])
                        + _Extras(self.random_state).fit(X[tr], extra[tr]).predict(X[te]))
         return out
 
@@ -457,7 +477,7 @@ class LatencyPredictor:
             # whenever another process (a training run, a measurement) held the other core
             with threadpool_limits(1):
                 name, scores, _ = self._select(ts.X[k], y, ts.groups[k])
-                self.estimators_[k] = clone(cands[name]).fit(ts.X[k], np.log(y))
+                self.estimators_[k] = clone(cands[name]).fit(ts.X[k], _kernel_target(ts.X[k], y))
                 self.extras_[k] = _Extras(self.random_state).fit(ts.X[k], ts.extra[k])
                 total = y + ts.extra[k]
                 oof = self._out_of_fold(cands[name], ts.X[k], y, ts.extra[k], ts.groups[k]) if crossfit else total
@@ -524,7 +544,7 @@ class LatencyPredictor:
             # for bulk prediction (a search scoring thousands of configurations)
             with threadpool_limits(1 if len(F) < BULK_ROWS else None):
                 extras[:, cols] = self.extras_[kind].predict(F).reshape(n, len(cols))
-                out[:, cols] = np.exp(self.estimators_[kind].predict(F)).reshape(n, len(cols)) + extras[:, cols]
+                out[:, cols] = _kernel_ms(self.estimators_[kind], F).reshape(n, len(cols)) + extras[:, cols]
             lo, hi = self.ranges_[kind]
             outside[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
         return out, cin, cout, outside, extras

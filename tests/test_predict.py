@@ -378,6 +378,29 @@ def test_kernels_and_extras_are_learnt_apart_and_add_up(table, predictor):
     F = tpl.features("conv", [0], 1, *tpl.channels(tpl.width_matrix([{}])))
     _, layers = predictor.predict_layers("cifar_resnet20", {})
     extras = predictor.extras_["conv"].predict(F)[0]
-    assert layers[0].predicted_ms == pytest.approx(np.exp(predictor.estimators_["conv"].predict(F))[0] + extras)
+    kernel = np.exp(predictor.estimators_["conv"].predict(F) + F[:, -1])[0]  # learnt per kernel FLOP
+    assert layers[0].predicted_ms == pytest.approx(kernel + extras)
     assert layers[0].extra_ms == pytest.approx(extras)
     assert all(0 <= l.extra_ms < l.predicted_ms for l in layers)  # reported per layer (hwprune predict)
+
+
+def test_layers_below_the_tables_range_are_predicted_smaller(table, predictor, space, monkeypatch):
+    """Trees predict a constant beyond their data; the kernels are learnt per FLOP, so that
+    constant is a cost per FLOP and a model pruned below anything in the table is not
+    predicted at the table's smallest times (as it is when log time itself is learnt)."""
+    import hwprune.predict as hp
+
+    widths = [json.loads(w) for w in table.e2e["widths"]]
+    smallest = {g.id: min(w.get(g.id, g.channels) for w in widths) for g in space.groups}
+    tinier = {g: max(1, c // 4) for g, c in smallest.items()}
+
+    def shrink(pred):
+        def kernels(w):
+            _, layers = pred.predict_layers("cifar_resnet20", w)
+            return sum(l.predicted_ms - l.extra_ms for l in layers if l.kind == "conv")
+        return kernels(tinier) / kernels(smallest)
+
+    per_flop = shrink(predictor)
+    monkeypatch.setattr(hp, "FLOP_SCALE", 0.0)
+    per_time = shrink(LatencyPredictor(min_rows=10).fit(table))
+    assert per_flop < 0.75 and per_flop < per_time
