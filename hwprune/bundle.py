@@ -22,7 +22,7 @@ from .measure import MeasureConfig, Measurement, Stats
 from .profiler import ProfilePlan, item_rows, pick_micro, plan_items
 from .space import WidthConfig
 from .table import LatencyTable, TableMeta
-from .units import chain_onnx
+from .units import CHAIN_LENGTHS, chain_onnx
 
 
 def write_bundle(plan: ProfilePlan, out: str | Path, threads: int | None = None,
@@ -49,7 +49,7 @@ def write_bundle(plan: ProfilePlan, out: str | Path, threads: int | None = None,
                           "layer": name, "spec": spec.to_dict(), "onnx": str(upath.relative_to(out)), "e2e": False})
     if progress:
         progress("", len(configs), len(configs))
-    probe = {"n_short": 20, "n_long": 220}  # what the device's profiler adds per node (ort_runner.node_overhead_ms)
+    probe = dict(zip(("n_short", "n_long"), CHAIN_LENGTHS))  # what the device's profiler adds per node
     for key in ("short", "long"):
         probe[key] = str(chain_onnx(out / "models" / f"chain{probe['n_' + key]}.onnx", probe["n_" + key])
                          .relative_to(out))

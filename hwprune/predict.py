@@ -105,6 +105,7 @@ def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0
     in_bytes = 4 * b * cin * h * w
     out_bytes = 4 * b * cout * oh * ow
     w_bytes = 4 * cout * cin_per_group * kh * kw
+    # the last column is log kernel FLOPs (KERNEL_FLOPS_COL): the kernel target is taken per FLOP
     cols = [b, cin, cout, kh, s, h, oh, np.log(flops), np.log(padded), np.log(in_bytes), np.log(out_bytes),
             np.log(w_bytes), cin % 8, cout % 8, cin % 16, cout % 16, cin % 32, cout % 32, c16i, c16o,
             (cin < 16).astype(np.float64), pc % 16, (pc < 16).astype(np.float64), res, cin % 4, cout % 4, pc % 4,
@@ -120,16 +121,17 @@ def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0
 #: within ±5% 72.9% -> 76.2% (batch 1), 74.4% -> 75.6% (batch 8), 55.0% -> 62.5% (held-out
 #: families); half the FLOP exponent scored between the two.
 FLOP_SCALE = 1.0
+KERNEL_FLOPS_COL = -1  # log kernel FLOPs in layer_features
 
 
 def _kernel_target(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """What the kernel regressors learn from feature rows ``X`` and kernel times ``y`` (ms)."""
-    return np.log(y) - FLOP_SCALE * X[:, -1]  # the last feature is log kernel FLOPs
+    return np.log(y) - FLOP_SCALE * X[:, KERNEL_FLOPS_COL]
 
 
 def _kernel_ms(est, X: np.ndarray) -> np.ndarray:
     """Kernel times (ms) from a regressor fitted on :func:`_kernel_target`."""
-    return np.exp(est.predict(X) + FLOP_SCALE * X[:, -1])
+    return np.exp(est.predict(X) + FLOP_SCALE * X[:, KERNEL_FLOPS_COL])
 
 
 # ---------------------------------------------------------------------------------------

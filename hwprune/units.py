@@ -228,6 +228,8 @@ class UnitSpec:
 
 #: Shape of the tensor the probe chains pass along: about a microsecond per node on a CPU.
 CHAIN_SHAPE = (1, 64, 14, 14)
+#: Lengths of the short and the long probe chain.
+CHAIN_LENGTHS = (20, 220)
 
 
 def chain_onnx(path: str | Path, n: int, shape: tuple[int, ...] = CHAIN_SHAPE, opset: int = 17) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..device.ort_runner import OrtSettings, node_overhead_ms, ort_version, profile_model, time_model, time_pair
 from ..measure import Measurement
-from ..units import UnitSpec, chain_onnx
+from ..units import CHAIN_LENGTHS, UnitSpec, chain_onnx
 from .base import Backend, LayerTiming, ModelArtifact, register_backend
 
 
@@ -78,9 +78,9 @@ class OnnxRuntimeBackend(Backend):
             return OrtGraphReader(src, opt).units(nodes)
 
     def node_overhead_ms(self, workdir: Path) -> float:
-        """Per-node profiler overhead, from two chains of tiny nodes (20 and 220 long)."""
-        short, long = (chain_onnx(Path(workdir) / f"chain{n}.onnx", n) for n in (20, 220))
-        return node_overhead_ms(short, long, 20, 220, self.ort, self.measure_cfg)
+        """Per-node profiler overhead, from two chains of tiny nodes (``units.CHAIN_LENGTHS``)."""
+        short, long = (chain_onnx(Path(workdir) / f"chain{n}.onnx", n) for n in CHAIN_LENGTHS)
+        return node_overhead_ms(short, long, *CHAIN_LENGTHS, self.ort, self.measure_cfg)
 
     def measure_unit(self, spec: UnitSpec, workdir: Path) -> list[LayerTiming]:
         """The unit's executed nodes, timed by the runtime's profiler in an isolated model."""
