@@ -85,11 +85,9 @@ def repredict(r: dict) -> dict:
     predictions are redone. The first predictions' metrics are kept under ``as_measured``.
     """
     import subprocess
-    from types import SimpleNamespace
 
     from hwprune.predict import LatencyPredictor
-    from hwprune.space import PruningSpace, WidthConfig
-    from hwprune.validate import ValidationSample, plot_validation, score
+    from hwprune.validate import plot_validation, repredict as rescore
 
     table = load(r["models"], r["batch"])
     t0 = time.perf_counter()
@@ -97,17 +95,13 @@ def repredict(r: dict) -> dict:
     fit_s = time.perf_counter() - t0
     keep = ("within_5pct", "within_10pct", "rmspe", "spearman", "per_model")
     r.setdefault("as_measured", {k: r[k] for k in keep})
-    # paired runs: the unpruned model's prediction, once per model
-    unpruned = {m: float(pred.predict(m, [PruningSpace.from_name(m).uniform(1.0)])[0]) for m in r["models"]}
-    samples = []
-    for x in r["samples"]:
-        p, layers = pred.predict_layers(x["model"], WidthConfig(x["model"], x["widths"]))
-        samples.append(ValidationSample(x["model"], x["widths"], p, x["measured_ms"], x["session_spread"],
-                                        any(l.extrapolated for l in layers), x.get("sessions_ms", []),
-                                        x.get("reference_ms", []), unpruned[x["model"]] if x.get("reference_ms") else None))
+    res = rescore(table, r, pred)
+    samples = res.samples
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     # the drift factors are measurements; the drift-corrected metrics follow the new predictions
-    r.update(score(samples, r["models"], r.get("drift")))
+    scored = res.to_dict()
+    r.update({k: scored[k] for k in ("n", "within_5pct", "within_10pct", "rmspe", "spearman", "worst",
+                                     "per_model", "drift_corrected", "repeatability", "relative")})
     r["samples"] = [{**x, "predicted_ms": s.predicted_ms, "extrapolated": s.extrapolated, "error": s.error,
                      **({"predicted_reference_ms": s.predicted_reference_ms, "relative_error": s.relative_error}
                         if s.reference_ms else {})}
@@ -117,7 +111,7 @@ def repredict(r: dict) -> dict:
                              "(on top of it: uncommitted changes, if any); measurements unchanged"})
     png = RESULTS / f"{stem()}_{r['tag'].split(':')[0].replace(' ', '_')}_b{r['batch']}.png"  # this file's name
     r["plot"] = str(png.relative_to(ROOT))
-    plot_validation(SimpleNamespace(samples=samples), png,
+    plot_validation(res, png,
                     title=f"{r['tag']}, batch {r['batch']}: n={r['n']}, {100 * r['within_5pct']:.0f}% within "
                           f"±5%, {100 * r['within_10pct']:.0f}% within ±10%")
     return r
@@ -241,7 +235,10 @@ def write(results: dict) -> None:
     if s:
         lines += ["", f"Prediction speed: {s['configs']} random resnet50 configurations in {s['seconds']:.2f} s "
                       f"({s['per_config_ms']:.3f} ms each); marginal costs of all groups at one configuration in "
-                      f"{1000 * s['marginal_costs_seconds']:.0f} ms."]
+                      f"{1000 * s['marginal_costs_seconds']:.0f} ms"
+                      + (f" (timed with {s['timed_with']}; it replaces {s['replaces']['seconds']:.2f} s timed "
+                         f"{s['replaces'].get('timed_with', 'with the validation')})" if s.get("replaces") else "")
+                      + "."]
     lines += ["", "Targets (issue): at least 99% within ±10% and 90% within ±5% (nn-Meter: 99.0% within ±10% on a "
                   "mobile CPU)."]
     if results.get("notes"):  # hand-written, kept in predictor.json
@@ -275,8 +272,28 @@ def main() -> None:
                     help="added to the validation seed, to draw configurations no earlier run measured")
     ap.add_argument("--results", default=None,
                     help="name of the result files (default: predictor_tN[_paired]), to keep another run apart")
+    ap.add_argument("--speed", action="store_true",
+                    help="only time the prediction again (a predictor fitted to the batch-1 tables; nothing is "
+                         "measured end to end) and replace the speed in the results")
     args = ap.parse_args()
     THREADS, ROUNDS, PAIRED, SEED_OFFSET, STEM = args.threads, args.rounds, args.paired, args.seed_offset, args.results
+    if args.speed:
+        import subprocess
+
+        from hwprune.predict import LatencyPredictor
+
+        results = json.loads((RESULTS / f"{stem()}.json").read_text())
+        old = results.get("speed")
+        results["speed"] = speed(LatencyPredictor().fit(load(MODELS, 1)))
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
+        results["speed"]["timed_with"] = f"commit {rev}, {time.strftime('%Y-%m-%d %H:%M')}"
+        if old:
+            results["speed"]["replaces"] = {k: old[k] for k in ("seconds", "marginal_costs_seconds", "timed_with")
+                                            if k in old}
+        write(results)
+        print((RESULTS / f"{stem()}.md").read_text())
+        return
     if args.repredict:
         results = json.loads((RESULTS / f"{stem()}.json").read_text())
         results["runs"] = [repredict(r) for r in results["runs"]]

@@ -11,6 +11,7 @@ import typer
 
 from .cli import app, console
 from .errors import HwpruneError
+from .io import read_json
 
 
 def _echo_json(obj) -> None:
@@ -75,7 +76,7 @@ def predict(table: Path = typer.Option(..., "--table"),
 
 @app.command()
 def validate(table: Path = typer.Option(..., "--table"),
-             model: str = typer.Option(..., "--model", help="Model name(s), comma separated."),
+             model: Optional[str] = typer.Option(None, "--model", help="Model name(s), comma separated."),
              samples: int = typer.Option(20, "--samples", min=1, help="Random configurations per model."),
              seed: int = typer.Option(0, "--seed"),
              rounds: int = typer.Option(2, "--rounds", min=1, help="Fresh sessions per configuration."),
@@ -88,20 +89,31 @@ def validate(table: Path = typer.Option(..., "--table"),
                  False, "--paired",
                  help="Shared hosts: time the unpruned model in the same window as every session and also "
                       "report the accuracy of the latency relative to it, which the host's drift cannot move."),
+             measured: Optional[Path] = typer.Option(
+                 None, "--measured",
+                 help="Time nothing: re-predict the configurations of an earlier `validate --json` output "
+                      "with this table's predictor and score them against the measurements stored there."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Measure random pruned models end to end and compare them with the predictions."""
     from .progress import item_progress
     from .table import LatencyTable
-    from .validate import plot_validation, validate as run_validate
+    from .validate import plot_validation, repredict, validate as run_validate
 
     t = LatencyTable.load(table)
-    names = [m.strip() for m in model.split(",") if m.strip()]
-    with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
-        res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update, gate=gate,
-                           paired=paired)
+    if measured is not None:
+        res = repredict(t, read_json(measured, "validation"))
+    else:
+        names = [m.strip() for m in (model or "").split(",") if m.strip()]
+        if not names:
+            raise HwpruneError("no model to validate", "give --model NAME[,NAME...] (or --measured FILE)")
+        with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
+            res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update, gate=gate,
+                               paired=paired)
     png = plot or table.with_suffix(".validation.png")
     plot_validation(res, png)
-    doc = {**res.to_dict(), "plot": str(png)}
+    # every configuration with its widths and session timings, so that the measurements can be
+    # re-predicted later (another predictor, another table) without timing them again
+    doc = {**res.to_dict(with_samples=True), "plot": str(png)}
     if as_json:
         _echo_json(doc)
         return

@@ -55,3 +55,16 @@ def check_writable(path: str | Path) -> Path:
     if not os.access(parent, os.W_OK):
         raise HwpruneError(f"output directory '{parent}' is not writable")
     return path
+
+
+def read_json(path: str | Path, what: str = "JSON"):
+    """Parse a JSON file, or raise a one-line :class:`HwpruneError` naming it."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise HwpruneError(f"{what} file '{p}' does not exist")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HwpruneError(f"{what} file '{p}' is not valid JSON: {getattr(e, 'msg', e)}") from None

@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -243,6 +244,21 @@ class _Extras:
 # ---------------------------------------------------------------------------------------
 # The predictor
 # ---------------------------------------------------------------------------------------
+@contextmanager
+def _every_core(est, on: bool):
+    """Let a forest predict on every core while ``on`` (its trees are fitted with one job:
+    OpenMP limits do not reach joblib). The predictions are the same either way."""
+    if not on or getattr(est, "n_jobs", None) is None:
+        yield
+        return
+    old = est.n_jobs
+    est.n_jobs = -1
+    try:
+        yield
+    finally:
+        est.n_jobs = old
+
+
 def _candidates(seed: int) -> dict[str, object]:
     from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor
 
@@ -544,7 +560,8 @@ class LatencyPredictor:
             # one thread for the small batches that come right before a measurement (validation,
             # GCP's device check): OpenMP workers left spinning would slow it down; every core
             # for bulk prediction (a search scoring thousands of configurations)
-            with threadpool_limits(1 if len(F) < BULK_ROWS else None):
+            bulk = len(F) >= BULK_ROWS
+            with threadpool_limits(None if bulk else 1), _every_core(self.estimators_[kind], bulk):
                 extras[:, cols] = self.extras_[kind].predict(F).reshape(n, len(cols))
                 out[:, cols] = _kernel_ms(self.estimators_[kind], F).reshape(n, len(cols)) + extras[:, cols]
             lo, hi = self.ranges_[kind]

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -219,6 +219,38 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
         device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
         measure_seconds=time.perf_counter() - t0, slow_configs_used=getattr(pred, "slow_configs_used_", 0),
         drift=drift, samples=out)
+
+
+def repredict(table: LatencyTable, measured: Mapping, predictor: LatencyPredictor | None = None) -> ValidationResult:
+    """Score a table's predictor against the measurements of an earlier validation, without
+    timing anything: ``measured`` is what :meth:`ValidationResult.to_dict` wrote with its
+    samples (``hwprune validate --json``). Use it to compare predictors or tables on the same
+    measurements, which no second run on a shared host can repeat. The earlier run's backend,
+    batch, threads and precision must be the table's."""
+    rows = measured.get("samples") if isinstance(measured, Mapping) else None
+    if not rows:
+        raise HwpruneError("the measurements hold no configurations",
+                           "give the JSON that `hwprune validate --json` printed (it keeps every sample)")
+    pred = predictor or LatencyPredictor().fit(table)
+    pred.check_settings(measured.get("settings") or {})
+    models = list(dict.fromkeys(x["model"] for x in rows))
+    spaces = {m: PruningSpace.from_name(m, input_size=table.settings.get("input_size")) for m in models}
+    for m in models:
+        pred._check(m)
+    unpruned = {m: float(pred.predict(m, [spaces[m].full()])[0]) for m in models}
+    out = []
+    for x in rows:
+        cfg = spaces[x["model"]].validate(WidthConfig(x["model"], x["widths"]))
+        p, layers = pred.predict_layers(x["model"], cfg)
+        ref = list(x.get("reference_ms") or [])
+        out.append(ValidationSample(x["model"], dict(cfg.widths), p, float(x["measured_ms"]),
+                                    float(x.get("session_spread", 0.0)), any(l.extrapolated for l in layers),
+                                    list(x.get("sessions_ms") or []), ref, unpruned[x["model"]] if ref else None))
+    return ValidationResult(
+        **score(out, models, measured.get("drift")), settings=dict(measured.get("settings") or table.settings),
+        device=dict(measured.get("device") or {}), measure_seconds=0.0,
+        slow_configs_used=getattr(pred, "slow_configs_used_", 0), drift=dict(measured.get("drift") or {}),
+        samples=out)
 
 
 def score(samples: Sequence[ValidationSample], models: Sequence[str], drift: dict | None = None) -> dict:

@@ -76,6 +76,28 @@ def test_predictions_are_positive_ordered_and_vectorised(predictor, space, table
     assert abs(p[0] - measured) / measured < 0.5
 
 
+def test_bulk_prediction_uses_every_core_and_predicts_the_same(predictor, space, monkeypatch):
+    import random
+
+    from sklearn.ensemble import ExtraTreesRegressor
+
+    import hwprune.predict as hp
+
+    configs = [space.sample(random.Random(3)) for _ in range(6)]
+    few = predictor.predict("cifar_resnet20", configs)
+    calls = []
+    real = hp._every_core
+    monkeypatch.setattr(hp, "_every_core", lambda est, on: calls.append(on) or real(est, on))
+    monkeypatch.setattr(hp, "BULK_ROWS", 10)  # the convolutions of 6 configurations count as bulk now
+    assert np.allclose(predictor.predict("cifar_resnet20", configs), few, rtol=1e-12) and True in calls
+    forest = ExtraTreesRegressor(n_estimators=4, n_jobs=1, random_state=0).fit(np.eye(4), np.arange(4.0))
+    with real(forest, True):
+        assert forest.n_jobs == -1
+    assert forest.n_jobs == 1  # given back after the bulk prediction
+    with real(forest, False):
+        assert forest.n_jobs == 1
+
+
 def test_marginal_costs_cover_every_group(predictor, space):
     mc = predictor.marginal_costs("cifar_resnet20", space.full(), step=8)
     assert list(mc) == [g.id for g in space.groups]
@@ -155,6 +177,27 @@ def test_cli_widths_predict_validate(table_path, tmp_path):
     assert v["n"] == 3 and {"within_5pct", "within_10pct", "rmspe", "spearman", "worst"} <= set(v)
     assert v["relative"]["n"] == 3 and v["relative"]["repeatability"]["pairs"] == 6  # 2 rounds by default
     assert (tmp_path / "v.png").stat().st_size > 1000
+    # the JSON keeps every configuration: its widths re-predict to the same time through `predict`
+    assert len(v["samples"]) == 3 and all(len(s["sessions_ms"]) == 2 for s in v["samples"])
+    s0 = v["samples"][0]
+    (tmp_path / "s0.json").write_text(json.dumps({"model": s0["model"], "widths": s0["widths"]}))
+    r = run_cli("predict", "--table", str(table_path), "--model", "cifar_resnet20", "--widths",
+                str(tmp_path / "s0.json"), "--json")
+    assert json.loads(r.stdout)["predicted_ms"] == pytest.approx(s0["predicted_ms"], rel=1e-6)
+    # --measured times nothing: the same predictor on the stored measurements scores the same
+    (tmp_path / "v.json").write_text(r_v := json.dumps(v))
+    r = run_cli("validate", "--table", str(table_path), "--measured", str(tmp_path / "v.json"), "--json",
+                "--plot", str(tmp_path / "v2.png"))
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["measure_seconds"] == 0.0 and again["samples"][0]["measured_ms"] == s0["measured_ms"]
+    assert [x["predicted_ms"] for x in again["samples"]] == pytest.approx([x["predicted_ms"] for x in v["samples"]])
+    assert again["relative"]["within_5pct"] == v["relative"]["within_5pct"] and again["rmspe"] == pytest.approx(v["rmspe"])
+    (tmp_path / "v.json").write_text(r_v.replace('"batch": 1', '"batch": 8'))
+    r = run_cli("validate", "--table", str(table_path), "--measured", str(tmp_path / "v.json"))
+    assert r.returncode == 2 and "batch" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("validate", "--table", str(table_path), "--measured", str(bad))
+    assert r.returncode == 2 and "no configurations" in r.stderr and "Traceback" not in r.stderr
 
 
 def _script_validation_timings(monkeypatch, edit):
