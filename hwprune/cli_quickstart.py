@@ -184,12 +184,12 @@ def quickstart(
     console.print(tbl)
     pv = summary["predictor"]
     if pv.get("n"):
-        console.print(f"predictor: {100 * pv['within_10pct']:.0f}% of {pv['n']} fresh configurations within ±10%, "
-                      f"{100 * pv['within_5pct']:.0f}% within ±5%, Spearman {pv['spearman']:.3f}")
+        console.print(f"predictor: {100 * pv['within_5pct']:.0f}% of {pv['n']} fresh configurations within ±5%, "
+                      f"{100 * pv['within_10pct']:.0f}% within ±10%, Spearman {pv['spearman']:.3f}")
         rel = summary["predictor_relative"]
         if rel.get("within_5pct") is not None:
-            console.print(f"relative to the unpruned model, timed in the same window: {100 * rel['within_10pct']:.0f}% "
-                          f"within ±10%, {100 * rel['within_5pct']:.0f}% within ±5%")
+            console.print(f"relative to the unpruned model, timed in the same window: {100 * rel['within_5pct']:.0f}% "
+                          f"within ±5%, {100 * rel['within_10pct']:.0f}% within ±10%")
     if pv.get("slow_configs_used"):
         console.print(f"[yellow]the predictor was fitted on {pv['slow_configs_used']} configurations profiled while "
                       f"this host was slow[/] (too few others): expect it to predict high")

@@ -114,25 +114,27 @@ def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0
     return np.stack(cols, axis=1)
 
 
-#: The kernel regressors learn log(time per kernel FLOP), not log(time): a tree predicts a
+#: The kernel regressors learn log(time per kernel FLOP), not log(time) (the default of
+#: ``LatencyPredictor(flop_exponent=...)``; 0 gives back the log-time target): a tree predicts a
 #: constant beyond the table's range, and on this target the constant is a cost per FLOP,
 #: so a layer smaller than any the table holds is predicted smaller too instead of at the
 #: smallest table layer's time (mobilenet_v2's early depthwise layers, pruned below the
 #: table's range, were predicted 1.5-2.7x too slow). Chosen on table cross-validation:
 #: within ±5% 72.9% -> 76.2% (batch 1), 74.4% -> 75.6% (batch 8), 55.0% -> 62.5% (held-out
 #: families); half the FLOP exponent scored between the two.
-FLOP_SCALE = 1.0
+FLOP_EXPONENT = 1.0
 KERNEL_FLOPS_COL = -1  # log kernel FLOPs in layer_features
 
 
-def _kernel_target(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """What the kernel regressors learn from feature rows ``X`` and kernel times ``y`` (ms)."""
-    return np.log(y) - FLOP_SCALE * X[:, KERNEL_FLOPS_COL]
+def _kernel_target(X: np.ndarray, y: np.ndarray, exponent: float) -> np.ndarray:
+    """What the kernel regressors learn from feature rows ``X`` and kernel times ``y`` (ms):
+    log(time / kernel FLOPs ** exponent)."""
+    return np.log(y) - exponent * X[:, KERNEL_FLOPS_COL]
 
 
-def _kernel_ms(est, X: np.ndarray) -> np.ndarray:
-    """Kernel times (ms) from a regressor fitted on :func:`_kernel_target`."""
-    return np.exp(est.predict(X) + FLOP_SCALE * X[:, KERNEL_FLOPS_COL])
+def _kernel_ms(est, X: np.ndarray, exponent: float) -> np.ndarray:
+    """Kernel times (ms) from a regressor fitted on :func:`_kernel_target` with ``exponent``."""
+    return np.exp(est.predict(X) + exponent * X[:, KERNEL_FLOPS_COL])
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,8 +304,9 @@ class LatencyPredictor:
     """
 
     def __init__(self, regressor: str = "auto", min_rows: int = 10, cv_folds: int = 3, random_state: int = 0,
-                 selection_rows: int = 4000, calibration: str = "auto"):
+                 selection_rows: int = 4000, calibration: str = "auto", flop_exponent: float = FLOP_EXPONENT):
         self.regressor = regressor
+        self.flop_exponent = flop_exponent
         self.calibration = calibration
         self.min_rows = min_rows
         self.cv_folds = cv_folds
@@ -314,7 +317,7 @@ class LatencyPredictor:
     def get_params(self, deep: bool = True) -> dict:
         return {"regressor": self.regressor, "min_rows": self.min_rows, "cv_folds": self.cv_folds,
                 "random_state": self.random_state, "selection_rows": self.selection_rows,
-                "calibration": self.calibration}
+                "calibration": self.calibration, "flop_exponent": self.flop_exponent}
 
     def set_params(self, **params) -> "LatencyPredictor":
         for k, v in params.items():
@@ -401,7 +404,7 @@ class LatencyPredictor:
         from sklearn.base import clone
         from sklearn.model_selection import GroupKFold
 
-        cands = _candidates(self.random_state)
+        cands, a = _candidates(self.random_state), self.flop_exponent
         if self.regressor != "auto" and self.regressor not in cands:
             raise HwpruneError(f"unknown regressor '{self.regressor}'", f"choose auto or one of {', '.join(cands)}")
         names = list(cands) if self.regressor == "auto" else [self.regressor]
@@ -421,7 +424,7 @@ class LatencyPredictor:
         for name in names:
             pred = np.empty_like(y)
             for tr, te in folds:
-                pred[te] = _kernel_ms(clone(cands[name]).fit(X[tr], _kernel_target(X[tr], y[tr])), X[te])
+                pred[te] = _kernel_ms(clone(cands[name]).fit(X[tr], _kernel_target(X[tr], y[tr], a)), X[te], a)
             scores[name] = float(np.sqrt(np.mean(((pred - y) / y) ** 2)))
             oof[name] = pred
         best = min(scores, key=scores.get)
@@ -433,12 +436,12 @@ class LatencyPredictor:
         from sklearn.base import clone
         from sklearn.model_selection import GroupKFold
 
-        n_groups = len(set(groups))
+        n_groups, a = len(set(groups)), self.flop_exponent
         if n_groups < 2:
             return y + extra
         out = np.empty_like(y)
         for tr, te in GroupKFold(n_splits=min(self.cv_folds, n_groups)).split(X, y, groups):
-            out[te] = (_kernel_ms(clone(est).fit(X[tr], _kernel_target(X[tr], y[tr])), X[te])
+            out[te] = (_kernel_ms(clone(est).fit(X[tr], _kernel_target(X[tr], y[tr], a)), X[te], a)
                        + _Extras(self.random_state).fit(X[tr], extra[tr]).predict(X[te]))
         return out
 
@@ -474,6 +477,7 @@ class LatencyPredictor:
         if not ts.y:
             raise HwpruneError("the table has no in-situ layer rows the predictor can learn from")
         self.settings_ = dict(table.settings)
+        self.flop_exponent_ = float(self.flop_exponent)  # what the kernels were fitted on, whatever set_params does later
         self.fingerprint_ = dict(table.meta.fingerprint)
         self.models_ = fits
         self.estimators_: dict[str, object] = {}
@@ -495,7 +499,7 @@ class LatencyPredictor:
             # whenever another process (a training run, a measurement) held the other core
             with threadpool_limits(1):
                 name, scores, _ = self._select(ts.X[k], y, ts.groups[k])
-                self.estimators_[k] = clone(cands[name]).fit(ts.X[k], _kernel_target(ts.X[k], y))
+                self.estimators_[k] = clone(cands[name]).fit(ts.X[k], _kernel_target(ts.X[k], y, self.flop_exponent_))
                 self.extras_[k] = _Extras(self.random_state).fit(ts.X[k], ts.extra[k])
                 total = y + ts.extra[k]
                 oof = self._out_of_fold(cands[name], ts.X[k], y, ts.extra[k], ts.groups[k]) if crossfit else total
@@ -563,7 +567,8 @@ class LatencyPredictor:
             bulk = len(F) >= BULK_ROWS
             with threadpool_limits(None if bulk else 1), _every_core(self.estimators_[kind], bulk):
                 extras[:, cols] = self.extras_[kind].predict(F).reshape(n, len(cols))
-                out[:, cols] = _kernel_ms(self.estimators_[kind], F).reshape(n, len(cols)) + extras[:, cols]
+                out[:, cols] = (_kernel_ms(self.estimators_[kind], F, self.flop_exponent_).reshape(n, len(cols))
+                                + extras[:, cols])
             lo, hi = self.ranges_[kind]
             outside[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
         return out, cin, cout, outside, extras
