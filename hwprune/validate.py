@@ -20,7 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .backends import ModelArtifact, create_backend
-from .errors import HwpruneError
+from .errors import HwpruneError, TableMismatch
 from .export import export_onnx
 from .fingerprint import fingerprint
 from .hoststate import HostProbe
@@ -231,8 +231,12 @@ def repredict(table: LatencyTable, measured: Mapping, predictor: LatencyPredicto
     if not rows:
         raise HwpruneError("the measurements hold no configurations",
                            "give the JSON that `hwprune validate --json` printed (it keeps every sample)")
+    stored = measured.get("settings") or {}
+    for k in ("backend", "threads", "batch", "precision", "device", "input_size"):  # before any fit
+        if stored.get(k) is not None and table.settings.get(k) != stored[k]:
+            raise TableMismatch(f"the measurements were taken with {k}={stored[k]!r}, the table has "
+                                f"{k}={table.settings.get(k)!r}", "re-predict them with a table of the same settings")
     pred = predictor or LatencyPredictor().fit(table)
-    pred.check_settings(measured.get("settings") or {})
     models = list(dict.fromkeys(x["model"] for x in rows))
     spaces = {m: PruningSpace.from_name(m, input_size=table.settings.get("input_size")) for m in models}
     for m in models:
