@@ -38,6 +38,7 @@ ROUNDS = 2  # fresh sessions per configuration (--rounds)
 PAIRED = False  # time the unpruned model beside every session (--paired)
 SEED_OFFSET = 0  # added to the validation seed (--seed-offset): draws configurations no earlier run measured
 STEM = None  # result file names (--results), else from the settings
+TABLES = ROOT / "latency_tables"  # holds the onnxruntime-cpu-tN-bB folders (--tables)
 
 
 def stem() -> str:
@@ -51,7 +52,7 @@ def stem() -> str:
 def load(models, batch):
     from hwprune.table import LatencyTable
 
-    tables = [LatencyTable.load(ROOT / "latency_tables" / f"onnxruntime-cpu-t{THREADS}-b{batch}" / f"{m}.parquet")
+    tables = [LatencyTable.load(TABLES / f"onnxruntime-cpu-t{THREADS}-b{batch}" / f"{m}.parquet")
               for m in models]
     return functools.reduce(lambda a, b: a.merge(b), tables)
 
@@ -144,6 +145,8 @@ def write(results: dict) -> None:
              f"{' --paired' if results.get('paired') else ''}")
     if results.get("seed_offset"):
         flags += f" --seed-offset {results['seed_offset']}"
+    if TABLES != ROOT / "latency_tables":
+        flags += f" --tables {TABLES.name}"
     if STEM:
         flags += f" --results {STEM}"
     lines = ["# Latency predictor: predicted vs measured end to end", "",
@@ -219,9 +222,11 @@ def write(results: dict) -> None:
                          f"{100 * np.quantile(sp, 0.9):.1f}% | {r5} | {r10} | {int(steady.sum())} | {w5} | {w10} |")
     drifted = [r for r in results["runs"] if r.get("drift")]
     if drifted:
-        lines += ["", "Host drift (gated runs on gated tables): the unpruned model's probe during validation against "
-                      "the table's probes, and the accuracy once every prediction is multiplied by its model's factor:",
-                  "", "| run | batch | model | probe when profiled (ms) | probe now (ms) | factor |",
+        lines += ["", "Host drift: the unpruned model timed during validation (gated runs: its probes; paired runs: "
+                      "its half of every pair) against the table (gated tables: its probes; paired runs: its "
+                      "end-to-end row of the unpruned model), and the accuracy once every prediction is "
+                      "multiplied by its model's factor:",
+                  "", "| run | batch | model | unpruned when profiled (ms) | unpruned now (ms) | factor |",
                   "|---|---|---|---|---|---|"]
         for r in drifted:
             for m, d in r["drift"].items():
@@ -247,7 +252,7 @@ def write(results: dict) -> None:
 
 
 def main() -> None:
-    global THREADS, ROUNDS, PAIRED, SEED_OFFSET, STEM
+    global THREADS, ROUNDS, PAIRED, SEED_OFFSET, STEM, TABLES
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -275,7 +280,12 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true",
                     help="only time the prediction again (a predictor fitted to the batch-1 tables; nothing is "
                          "measured end to end) and replace the speed in the results")
+    ap.add_argument("--tables", default=None,
+                    help="validate the tables in latency_tables/DIR/onnxruntime-cpu-tN-bB (another host's, "
+                         "profiled with profile_tables.py --tables DIR)")
     args = ap.parse_args()
+    if args.tables:
+        TABLES = ROOT / "latency_tables" / args.tables
     THREADS, ROUNDS, PAIRED, SEED_OFFSET, STEM = args.threads, args.rounds, args.paired, args.seed_offset, args.results
     if args.speed:
         import subprocess

@@ -38,10 +38,11 @@ SHIPPED = ["resnet18", "resnet50", "mobilenet_v2", "cifar_resnet56"]
 # hwprune/profiler.py): the sub-millisecond models, whose 2-thread latency that state changes most
 GATE = {"cifar_resnet20": 0.05}
 THREADS = 2  # default intra-op threads (--threads changes it)
+TABLES_ROOT = TABLES  # where the tN-bB folders go (--tables: another host's tables, kept apart)
 
 
 def table_path(model: str, batch: int) -> Path:
-    return TABLES / f"onnxruntime-cpu-t{THREADS}-b{batch}" / f"{model}.parquet"
+    return TABLES_ROOT / f"onnxruntime-cpu-t{THREADS}-b{batch}" / f"{model}.parquet"
 
 
 def build(model: str, batch: int, configs: int, overwrite: bool = False, gate: float | None = None) -> dict:
@@ -110,9 +111,14 @@ def machine() -> dict:
     return {k: fp[k] for k in ("cpu_model", "cpu_cores", "cpu_flags", "machine")}
 
 
+def results_stem() -> str:
+    """profiling.* for the tables in latency_tables/, profiling_<folder>.* for a --tables folder."""
+    return "profiling" if TABLES_ROOT == TABLES else f"profiling_{TABLES_ROOT.name}"
+
+
 def write(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "profiling.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / f"{results_stem()}.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = ["# Profiling cost and stability", "",
              "Tables marked *gated* were profiled with `--gate`: every configuration is bracketed by short timings "
              "of the unpruned model and measured again while another tenant of the VM holds a vCPU.", "",
@@ -131,7 +137,7 @@ def write(results: dict) -> None:
         lines += ["", f"Stability: resnet18 batch 1, end-to-end median over {s['processes']} fresh processes: "
                       f"{', '.join(f'{m:.3f}' for m in s['medians_ms'])} ms; CoV of the median "
                       f"**{100 * s['cov_of_median']:.2f}%** (target 2.5%)."]
-    (RESULTS / "profiling.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{results_stem()}.md").write_text("\n".join(lines) + "\n")
 
 
 def _short(command: str) -> str:
@@ -156,7 +162,7 @@ def write_tables_readme() -> None:
              "| table | model | batch | threads | configs | rows | device | backend | profiled (s) "
              "| profiler overhead (us/node) | date | command |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(TABLES.glob("*/*.parquet")):
+    for path in sorted(TABLES.glob("**/*.parquet")):
         t = LatencyTable.load(path)
         s, fp = t.settings, t.meta.fingerprint
         ov = "-" if t.meta.node_overhead_ms is None else f"{t.meta.node_overhead_ms * 1000:.2f}"
@@ -172,7 +178,7 @@ def write_tables_readme() -> None:
 
 
 def main() -> None:
-    global THREADS
+    global THREADS, TABLES_ROOT
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=SHIPPED)
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
@@ -183,9 +189,15 @@ def main() -> None:
                     help="profile every listed table with --gate F (default: only the models in GATE)")
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="intra-op threads; tables go to latency_tables/onnxruntime-cpu-tN-bB")
+    ap.add_argument("--tables", default=None,
+                    help="a folder under latency_tables/ for this host's tables (DIR/onnxruntime-cpu-tN-bB), kept "
+                         "apart from the shipped ones; results: benchmarks/results/profiling_DIR.*")
     args = ap.parse_args()
     THREADS = args.threads
-    prev = json.loads((RESULTS / "profiling.json").read_text()) if (RESULTS / "profiling.json").exists() else {}
+    if args.tables:
+        TABLES_ROOT = TABLES / args.tables
+    prev_path = RESULTS / f"{results_stem()}.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
     tables = {(t["model"], t["batch"], t.get("threads", 2)): t for t in prev.get("tables", [])}
     for batch in args.batches:
         for model in args.only:

@@ -26,7 +26,7 @@ def _register_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     _register_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except HwpruneError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, exc["Abort"]):
             sys.exit(130)
         raise
+    if isinstance(rc, int) and rc:  # typer.Exit(code) comes back as a return value outside standalone mode
+        sys.exit(rc)
 
 
 def _click_exceptions() -> dict[str, tuple]:

@@ -164,6 +164,37 @@ def table_info(path: Path = typer.Argument(..., help="Table file."),
             console.print("[yellow]this table is partial[/]")
 
 
+@table_app.command("check")
+def table_check(path: Path = typer.Argument(..., help="Table file."),
+                model: Optional[str] = typer.Option(None, "--model", help="Models to time (default: the table's), "
+                                                    "separated by commas."),
+                sessions: int = typer.Option(3, "--sessions", min=1, help="Fresh sessions per model."),
+                tolerance: float = typer.Option(0.05, "--tolerance", min=0.0, help="Largest drift that still "
+                                                "counts as a match (0.05: 5%)."),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Does the table still describe this host? Times the unpruned models now against the table.
+
+    Exit code 0 when every model runs within the tolerance of the table's time, 1 when not
+    (the host is faster or slower than when the table was profiled, or another device)."""
+    from .hostcheck import check_host
+    from .progress import item_progress
+    from .table import LatencyTable
+
+    t = LatencyTable.load(path)
+    names = [m.strip() for m in model.split(",") if m.strip()] if model else None
+    with item_progress("timing the unpruned models", enabled=not as_json) as update:
+        res = check_host(t, names, sessions=sessions, tolerance=tolerance, progress=update)
+    if as_json:
+        _print_json(res.to_dict())
+    else:
+        tab = Table("model", "table (ms)", "now (ms)", "now / table")
+        for m in res.models:
+            tab.add_row(m.model, f"{m.table_ms:.3f}", f"{m.now_ms:.3f}", f"{m.factor:.3f}")
+        console.print(tab)
+        console.print(("[green]" if res.matches else "[yellow]") + res.verdict() + "[/]", highlight=False)
+    raise typer.Exit(0 if res.matches else 1)
+
+
 @table_app.command("merge")
 def table_merge(paths: list[Path] = typer.Argument(..., help="Tables to merge."),
                 out: Path = typer.Option(..., "--out")) -> None:

@@ -213,7 +213,8 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                                     rf, ref_pred.get(m)))
     if progress:
         progress("", rounds * len(plan), rounds * len(plan))
-    drift = host_drift(table, plan, probes, probe, gate) if gate else {}
+    drift = (host_drift(table, plan, probes, probe, gate) if gate
+             else paired_drift(table, plan, refs) if paired else {})
     return ValidationResult(
         **score(out, models, drift), settings=dict(s),
         device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
@@ -320,6 +321,26 @@ def host_drift(table: LatencyTable, plan, probes, probe: HostProbe, gate: float)
         now = [x for (mm, _), pr in zip(plan, probes) if mm == m for x in pr if probe.fast(m, x, gate)]
         if len(ref) and now:
             t, n = float(np.median(ref)), float(np.median(now))
+            out[m] = {"table_reference_ms": t, "reference_ms": n, "factor": n / t}
+    return out
+
+
+def paired_drift(table: LatencyTable, plan, refs) -> dict[str, dict]:
+    """Paired runs: per model, the median of the unpruned model's timings in this run's windows over
+    the table's end-to-end time of the same model (its ``full`` configuration). Above 1 the host runs
+    slower than when it was profiled (see :mod:`hwprune.hostcheck`). The pair alternates the two
+    models in chunks, which costs the unpruned model a little time of its own (about 1-2% here)."""
+    from .hostcheck import table_reference_ms
+
+    out = {}
+    for m in sorted({m for m, _ in plan}):
+        now = [x for (mm, _), rf in zip(plan, refs) if mm == m for x in rf]
+        try:
+            t = table_reference_ms(table, m)
+        except HwpruneError:
+            continue
+        if now:
+            n = float(np.median(now))
             out[m] = {"table_reference_ms": t, "reference_ms": n, "factor": n / t}
     return out
 

@@ -317,6 +317,10 @@ def test_paired_validation_predicts_latency_relative_to_the_unpruned_model(table
     assert rel["n"] == 2 and rel["per_model"]["cifar_resnet20"]["n"] == 2
     assert rel["repeatability"] == {"pairs": 4, "within_5pct": 1.0, "within_10pct": 1.0}
     assert res.to_dict(with_samples=True)["samples"][0]["relative_error"] == res.samples[0].relative_error
+    # the unpruned model's half of each pair against the table's end-to-end time of it: the drift
+    profiled = float(table.e2e.set_index("config").loc["full", "median_ms"])
+    assert res.drift["cifar_resnet20"]["factor"] == pytest.approx(2.0 / profiled)
+    assert res.drift_corrected["n"] == 2
     unpaired = hv.validate(table, ["cifar_resnet20"], 1, rounds=1, measure=MeasureConfig.quick())
     assert unpaired.relative == {} and unpaired.samples[0].reference_ms == []
     with pytest.raises(HwpruneError, match="alternatives"):
@@ -452,3 +456,60 @@ def test_layers_below_the_tables_range_are_predicted_smaller(table, space):
     before = log_time.predict("cifar_resnet20", [space.uniform(0.25)])
     log_time.set_params(flop_exponent=1.0)
     assert log_time.predict("cifar_resnet20", [space.uniform(0.25)]) == pytest.approx(before)
+
+
+def _scripted_host(monkeypatch, factor):
+    """hostcheck's backend times every unpruned model at ``factor`` x the table's time of it."""
+    import hwprune.hostcheck as hc
+    from hwprune.backends import create_backend as real_create
+
+    times = []
+
+    def create(*a, **k):
+        be = real_create(*a, **k)
+        real = be.measure_e2e
+
+        def scripted(art):
+            m = real(art)
+            assert art.onnx_path.exists()  # a real export of the unpruned model was timed
+            m.stats.median = factor * hc.table_reference_ms(hc_table[0], art.name)
+            times.append(m.stats.median)
+            return m
+        be.measure_e2e = scripted
+        return be
+
+    hc_table = []
+    monkeypatch.setattr(hc, "create_backend", create)
+    return hc, hc_table, times
+
+
+@pytest.mark.parametrize("factor, matches", [(1.03, True), (1.9, False), (0.5, False)])
+def test_host_check_compares_the_unpruned_model_now_with_the_table(table, monkeypatch, factor, matches):
+    from hwprune.measure import MeasureConfig
+
+    hc, holder, times = _scripted_host(monkeypatch, factor)
+    holder.append(table)
+    res = hc.check_host(table, sessions=2, tolerance=0.05, measure=MeasureConfig.quick())
+    assert len(times) == 2 and res.matches is matches
+    assert res.factor == pytest.approx(factor) and res.models[0].model == "cifar_resnet20"
+    verdict = res.verdict()
+    assert ("matches" in verdict) if matches else (("slower" if factor > 1 else "faster") in verdict)
+    assert res.to_dict()["models"][0]["factor"] == pytest.approx(factor)
+    with pytest.raises(HwpruneError, match="no model 'resnet18'"):
+        hc.check_host(table, ["resnet18"])
+
+
+def test_table_check_cli_exits_1_on_a_drifted_host(table_path, tmp_path):
+    """The real host against a table whose unpruned time is made 10x too fast: exit 1, JSON out."""
+    t = LatencyTable.load(table_path)
+    rows = t.rows.copy()
+    full = (rows["source"] == "e2e") & (rows["config"] == "full")
+    rows.loc[full, "median_ms"] = rows.loc[full, "median_ms"] / 10
+    path = tmp_path / "fast.parquet"
+    LatencyTable(rows, t.meta).save(path)
+    r = run_cli("table", "check", str(path), "--sessions", "1", "--json")
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["matches"] is False and doc["factor"] > 3 and "slower" in doc["verdict"]
+    r = run_cli("table", "check", str(path), "--model", "resnet18")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no model 'resnet18'" in r.stderr
