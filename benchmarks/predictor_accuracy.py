@@ -265,6 +265,7 @@ def main() -> None:
     ap.add_argument("--gate", type=float, default=None,
                     help="gate the measurements on the host's state (hwprune validate --gate F)")
     ap.add_argument("--rewrite", action="store_true", help="only regenerate predictor.md from predictor.json")
+    ap.add_argument("--replot", action="store_true", help="only draw the runs' plots again from the stored samples")
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="validate the tables in latency_tables/onnxruntime-cpu-tN-bB (results: predictor_tN.*)")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="fresh sessions per configuration")
@@ -309,6 +310,21 @@ def main() -> None:
         results["runs"] = [repredict(r) for r in results["runs"]]
         write(results)
         print((RESULTS / f"{stem()}.md").read_text())
+        return
+    if args.replot:
+        from hwprune.validate import ValidationResult, ValidationSample, plot_validation
+
+        results = json.loads((RESULTS / f"{stem()}.json").read_text())
+        fields = ValidationSample.__dataclass_fields__
+        for r in results["runs"]:
+            samples = [ValidationSample(**{k: v for k, v in x.items() if k in fields}) for x in r["samples"]]
+            res = ValidationResult(**{k: r[k] for k in ("n", "within_5pct", "within_10pct", "rmspe", "spearman",
+                                                        "worst", "per_model", "settings", "device",
+                                                        "measure_seconds")}, samples=samples)
+            plot_validation(res, ROOT / r["plot"],
+                            title=f"{r['tag']}, batch {r['batch']}: n={r['n']}, {100 * r['within_5pct']:.0f}% "
+                                  f"within ±5%, {100 * r['within_10pct']:.0f}% within ±10%")
+            print(r["plot"])
         return
     if args.rewrite:
         write(json.loads((RESULTS / f"{stem()}.json").read_text()))

@@ -356,7 +356,7 @@ def plot_validation(result: ValidationResult, path: str | Path, title: str = "")
     for m in models:
         xs = [s.measured_ms for s in result.samples if s.model == m]
         ys = [s.predicted_ms for s in result.samples if s.model == m]
-        ax.scatter(xs, ys, s=12, alpha=0.7, label=m)
+        ax.scatter(xs, ys, s=12, alpha=0.7, label=m, zorder=3)  # above the bands, drawn after
     lo = min(min(s.measured_ms, s.predicted_ms) for s in result.samples) * 0.9
     hi = max(max(s.measured_ms, s.predicted_ms) for s in result.samples) * 1.1
     xs = np.geomspace(lo, hi, 50)
