@@ -38,7 +38,10 @@ def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
     if as_json:
         _print_json({"device": fp, "backends": backends})
         return
-    console.print(f"[bold]CPU[/] {fp['cpu_model']} ({fp['cpu_cores']} cores, {', '.join(fp['cpu_flags']) or 'no SIMD flags read'})")
+    ident = f", {fp['cpu_id']}" if fp.get("cpu_id") else ""
+    l3 = f", L3 {fp['cpu_l3']}" if fp.get("cpu_l3") else ""
+    console.print(f"[bold]CPU[/] {fp['cpu_model']} ({fp['cpu_cores']} cores, "
+                  f"{', '.join(fp['cpu_flags']) or 'no SIMD flags read'}{ident}{l3})")
     for g in fp["gpus"] or [{"name": "none", "driver": "-", "memory": "-"}]:
         console.print(f"[bold]GPU[/] {g['name']} (driver {g['driver']}, {g['memory']})")
     t = Table("backend", "device", "available", "version / reason")

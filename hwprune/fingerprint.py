@@ -26,6 +26,38 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id(text: str | None = None) -> str:
+    """The CPU's identity below its marketing name, from ``/proc/cpuinfo`` (or ``text``):
+    x86 family/model/stepping and microcode, or the ARM implementer/part/revision. A virtual
+    CPU often reports only "AMD EPYC" as its name; these numbers, and the L3 size, tell two
+    generations apart (they cannot tell how busy the host is: see ``hwprune table check``)."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return ""
+
+    def field(key: str) -> str | None:
+        m = re.search(rf"^{key}\s*:\s*(.+)$", text, re.M)
+        return m.group(1).strip() if m else None
+
+    x86 = [(k, field(k)) for k in ("cpu family", "model", "stepping", "microcode")]
+    arm = [(k, field(k)) for k in ("CPU implementer", "CPU part", "CPU revision")]
+    for keys in (x86, arm):
+        if keys[0][1] is not None:
+            return " ".join(f"{k.split()[-1]} {v}" for k, v in keys if v is not None)
+    return ""
+
+
+def l3_cache() -> str:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size", encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -68,6 +100,8 @@ def fingerprint() -> dict:
     """The facts that make two measurements comparable: same CPU, cores and GPU."""
     return {
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
+        "cpu_l3": l3_cache(),
         "cpu_cores": cpu_count(),
         "cpu_flags": cpu_flags(),
         "machine": platform.machine(),

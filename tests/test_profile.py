@@ -253,6 +253,18 @@ def test_devices_json():
     assert trt["available"] or trt["reason"]
 
 
+def test_cpu_id_reads_below_the_marketing_name():
+    """A VM's "AMD EPYC" says nothing of its generation; family/model/stepping do (x86), and
+    implementer/part/revision on ARM. Text without either gives an empty id."""
+    from hwprune.fingerprint import cpu_id
+
+    x86 = "model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nstepping\t: 1\nmicrocode\t: 0x1000065\n"
+    assert cpu_id(x86) == "family 25 model 17 stepping 1 microcode 0x1000065"
+    arm = "processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd0b\nCPU revision\t: 0\n"
+    assert cpu_id(arm) == "implementer 0x41 part 0xd0b revision 0"
+    assert cpu_id("processor\t: 0\n") == ""
+
+
 BLOCKER = """
 import sys
 class Block:
