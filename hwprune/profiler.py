@@ -43,7 +43,7 @@ from .errors import HwpruneError, TableMismatch
 from .export import export_onnx
 from .hoststate import HostProbe
 from .io import check_writable
-from .measure import MeasureConfig, Measurement
+from .measure import REFERENCE_SESSIONS, MeasureConfig, Measurement, median_session
 from .space import PruningSpace, WidthConfig
 from .table import LatencyTable, TableMeta, unit_row
 from .units import UnitKey, UnitSpec
@@ -260,7 +260,8 @@ class Profiler:
             art = ModelArtifact(input_shape=shape, module=module, name=item)
             if self.backend.needs_onnx():
                 art.onnx_path = export_onnx(module, shape, Path(d) / "model.onnx")
-            e2e = self.backend.measure_e2e(art)
+            sessions = REFERENCE_SESSIONS if cid == "full" else 1
+            e2e = median_session(lambda: self.backend.measure_e2e(art), sessions)
             layers = self.backend.profile_layers(art)
             units = [(name, spec, self.backend.measure_unit(spec, Path(d)))
                      for name, spec in (pick_micro(module, shape, self.plan, item, seen_specs) if micro else [])]

@@ -2,7 +2,8 @@ import itertools
 
 import pytest
 
-from hwprune.measure import MeasureConfig, Stats, collect_pair, measure, measure_pair, robust_cov
+from hwprune.measure import (MeasureConfig, Measurement, Stats, collect_pair, measure, measure_pair, median_session,
+                             robust_cov)
 
 
 def test_stats_nearest_rank_percentiles():
@@ -69,3 +70,17 @@ def test_paired_timing_alternates_chunks_so_both_models_see_the_same_host():
     log.clear()
     ma, mb = measure_pair(step("a", 1.0), step("b", 4.0), cfg, chunk_s=0.004)
     assert ma.stats.count == 32 and mb.stats.count == 8
+
+
+def test_median_session_keeps_the_middle_session():
+    """Three sessions of 2.4 (a slow first one), 2.2 and 2.25 ms: the 2.25 ms one is kept, and its
+    attempts count all three sessions' attempts."""
+    times = iter([2.4, 2.2, 2.25])
+
+    def timed():
+        return Measurement(stats=Stats.from_samples([next(times)] * 5), attempts=2)
+
+    m = median_session(timed, 3)
+    assert m.stats.median == 2.25 and m.attempts == 6
+    one = median_session(lambda: Measurement(stats=Stats.from_samples([1.0])), 1)
+    assert one.stats.median == 1.0 and one.attempts == 1

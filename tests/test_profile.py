@@ -313,6 +313,31 @@ def _slow_reference_first(quick, factors):
     return be
 
 
+def test_the_unpruned_model_is_timed_in_three_sessions_and_the_median_kept(tmp_path, quick):
+    """The first end-to-end session of the unpruned model is scripted 2x slow (as the first
+    configuration of a run can be): the table keeps a normal one. Other configurations get one."""
+    be = create_backend("onnxruntime", threads=1, measure=quick)
+    real, calls = be.measure_e2e, []
+
+    def scripted(art):
+        m = real(art)
+        calls.append(art.name)
+        if calls.count(art.name) == 1 and art.name.endswith("/full"):
+            m.stats.median *= 2.0
+        m.stats.median = round(m.stats.median, 9)
+        seen.setdefault(art.name, []).append(m.stats.median)
+        return m
+
+    seen: dict = {}
+    be.measure_e2e = scripted
+    table = profile("cifar_resnet20", tmp_path / "r.parquet", be, input_size=16, configs=3, micro_per_config=0)
+    assert [calls.count(f"cifar_resnet20/{c}") for c in ("full", "uniform75", "uniform50")] == [3, 1, 1]
+    e2e = table.source("e2e").set_index("config")
+    full = sorted(seen["cifar_resnet20/full"])
+    assert e2e.loc["full", "median_ms"] == pytest.approx(full[1])  # the middle one: not the slow first
+    assert e2e.loc["full", "median_ms"] < seen["cifar_resnet20/full"][0]
+
+
 def test_gated_profile_remeasures_a_configuration_timed_while_the_host_was_slow(tmp_path, quick):
     """The reference timing before the first configuration is scripted 3x slow (a neighbour held a core)."""
     be = _slow_reference_first(quick, [3.0])

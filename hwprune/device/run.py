@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..fingerprint import fingerprint
 from ..io import atomic_write_text
-from ..measure import MeasureConfig
+from ..measure import REFERENCE_SESSIONS, MeasureConfig, median_session
 from .ort_runner import OrtSettings, node_overhead_ms, ort_version, profile_model, time_model
 
 MANIFEST = "manifest.json"
@@ -80,7 +80,8 @@ def run_bundle(bundle: str | Path, threads: int | None = None, max_minutes: floa
         onnx = bundle / item["onnx"]
         res = {"id": item["id"]}
         if item.get("e2e", True):
-            res["e2e"] = time_model(onnx, settings, cfg).to_dict()
+            sessions = REFERENCE_SESSIONS if item.get("config") == "full" else 1
+            res["e2e"] = median_session(lambda: time_model(onnx, settings, cfg), sessions).to_dict()
         opt = out.with_suffix(".opt.onnx")
         res["nodes"] = [n.to_dict() for n in profile_model(onnx, settings, cfg, optimized_path=opt)]
         res["optimized"] = opt.name
