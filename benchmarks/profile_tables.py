@@ -159,6 +159,10 @@ def write_tables_readme() -> None:
              "*Profiler overhead*: what the layer profiler adds to each node it times (`TableMeta.node_overhead_ms`,",
              "measured with two chains of tiny nodes; the predictor takes it off every node). The tables written",
              "before session 9 got it from `hwprune profile ... --resume` on the same VM on 2026-11-22.", "",
+             "*Dated folders* (`2026-11-30/`): the same VM under the same fingerprint, profiled again on a day it",
+             "ran 1.5-1.9x slower than when the tables at the top level were taken (2026-11-21/22). Use the tables",
+             "of the state the host is in: `hwprune table check TABLE` times the unpruned models now against the",
+             "table and says by how much they differ.", "",
              "| table | model | batch | threads | configs | rows | device | backend | profiled (s) "
              "| profiler overhead (us/node) | date | command |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
