@@ -54,10 +54,15 @@ def main(argv: list[str] | None = None) -> None:
 def _click_exceptions() -> dict[str, tuple]:
     """Click's exception classes. Typer 0.29 ships its own copy of click (``typer._click``), whose
     classes are not click's: a usage error such as ``--configs 0`` must match either."""
-    import click
     import typer
 
-    mods = [click.exceptions, typer.exceptions]
+    mods = [typer.exceptions]
+    try:  # click itself is not a dependency of typer 0.29: a fresh install may lack it
+        from click import exceptions as click_exceptions
+
+        mods.append(click_exceptions)
+    except ImportError:
+        pass
     try:
         from typer._click import exceptions as vendored
 
