@@ -54,7 +54,7 @@ def write_bundle(plan: ProfilePlan, out: str | Path, threads: int | None = None,
         probe[key] = str(chain_onnx(out / "models" / f"chain{probe['n_' + key]}.onnx", probe["n_" + key])
                          .relative_to(out))
     manifest = {"format": BUNDLE_FORMAT, "plan": plan.to_dict(), "threads": threads,
-                "measure": (measure or MeasureConfig(warmup_s=0.1, min_time_s=0.5)).to_dict(), "items": items,
+                "measure": (measure or MeasureConfig.profile()).to_dict(), "items": items,
                 "probe": probe}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return len(items)

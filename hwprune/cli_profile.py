@@ -132,7 +132,7 @@ def profile(
     for n in names:
         if not is_model(n):
             create_model(n)
-    measure = MeasureConfig.quick() if quick else MeasureConfig(warmup_s=0.1, min_time_s=0.5)
+    measure = MeasureConfig.quick() if quick else MeasureConfig.profile()
     be = create_backend(backend, threads=threads, device=device, measure=measure)
     with item_progress(f"profiling {model} ({backend}, batch {batch})", enabled=not as_json) as update:
         table = run_profile(names, out, be, batch=batch, input_size=input_size, configs=configs, seed=seed,

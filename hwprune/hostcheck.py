@@ -16,22 +16,17 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .backends import ModelArtifact, create_backend
+from .backends import create_backend
 from .errors import HwpruneError
-from .export import export_onnx
 from .fingerprint import fingerprint
+from .hoststate import HostProbe
 from .measure import MeasureConfig
 from .space import PruningSpace
 from .table import LatencyTable
-
-#: The profiler's end-to-end protocol (``hwprune profile`` without --quick).
-PROFILE_PROTOCOL = MeasureConfig(warmup_s=0.1, min_time_s=0.5)
-
 
 @dataclass
 class ModelCheck:
@@ -103,7 +98,7 @@ def check_host(table: LatencyTable, models: Sequence[str] | None = None, session
     refs = {m: table_reference_ms(table, m) for m in models}
     mismatch = table.mismatch({}, fingerprint())
     backend = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu",
-                             measure=measure or PROFILE_PROTOCOL)
+                             measure=measure or MeasureConfig.profile())
     batch = int(s.get("batch") or 1)
     times: dict[str, list[float]] = {m: [] for m in models}
     import torch
@@ -112,15 +107,8 @@ def check_host(table: LatencyTable, models: Sequence[str] | None = None, session
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory(prefix="hwprune-check-") as d:
-            arts = {}
-            for m in models:
-                space = PruningSpace.from_name(m, input_size=s.get("input_size"))
-                shape = (batch, *space.input_shape[1:])
-                art = ModelArtifact(input_shape=shape, module=space.model.eval(), name=m)
-                if backend.needs_onnx():
-                    art.onnx_path = export_onnx(art.module, shape, Path(d) / f"{m}.onnx")
-                    art.module = None
-                arts[m] = art
+            probe = HostProbe(backend, batch, d)  # exports each unpruned model once
+            arts = {m: probe.reference(m, PruningSpace.from_name(m, input_size=s.get("input_size"))) for m in models}
             total = sessions * len(models)
             for r in range(sessions):
                 for k, m in enumerate(models):  # interleaved: a slow spell hits every model

@@ -47,6 +47,12 @@ class MeasureConfig:
         return asdict(self)
 
     @classmethod
+    def profile(cls) -> "MeasureConfig":
+        """The settings of ``hwprune profile``'s end-to-end timings, which validation, device bundles
+        and ``hwprune table check`` share so that their times compare with a table's."""
+        return cls(warmup_s=0.1, min_time_s=0.5)
+
+    @classmethod
     def quick(cls) -> "MeasureConfig":
         """Short settings for tests and smoke runs (never for shipped tables)."""
         return cls(warmup_s=0.02, min_iters=5, min_time_s=0.05, retries=1, profile_max_iters=20)

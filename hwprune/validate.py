@@ -149,7 +149,7 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     for m in models:
         pred._check(m)
     backend = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu",
-                             measure=measure or MeasureConfig(warmup_s=0.1, min_time_s=0.5))
+                             measure=measure or MeasureConfig.profile())
     batch = int(s.get("batch") or 1)
     rng = random.Random(seed + VALIDATION_SEED_OFFSET)
     spaces = {m: PruningSpace.from_name(m, input_size=s.get("input_size")) for m in models}
