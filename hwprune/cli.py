@@ -20,7 +20,7 @@ console = Console(stderr=True)
 
 
 def _register_commands() -> None:
-    from . import cli_bench, cli_predict, cli_profile, cli_prune, cli_quickstart, cli_train  # noqa: F401  (register)
+    from . import cli_bench, cli_noise, cli_predict, cli_profile, cli_prune, cli_quickstart, cli_train  # noqa: F401  (register)
 
 
 def main(argv: list[str] | None = None) -> None:
