@@ -118,12 +118,17 @@ def repredict(r: dict) -> dict:
     return r
 
 
-def speed(pred) -> dict:
+def speed_configs(n: int = 10_000) -> list:
+    """The configurations prediction speed is timed on: ``n`` random resnet50 ones (seed 7)."""
     from hwprune.space import PruningSpace
 
     space = PruningSpace.from_name("resnet50")
     rng = random.Random(7)
-    configs = [space.sample(rng) for _ in range(10_000)]
+    return [space.sample(rng) for _ in range(n)]
+
+
+def speed(pred, configs: list | None = None) -> dict:
+    configs = speed_configs() if configs is None else configs
     t0 = time.perf_counter()
     p = pred.predict("resnet50", configs)
     dt = time.perf_counter() - t0

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from .cli import app, console
+from .cli_predict import PREDICTOR_HELP
 from .errors import HwpruneError
 
 
@@ -35,6 +36,7 @@ def bench(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Fresh sessions per model and batch, interleaved."),
     input_size: Optional[int] = typer.Option(None, "--input-size", min=8),
     table: Optional[Path] = typer.Option(None, "--table", help="Latency table: adds predicted_ms."),
+    predictor: Optional[Path] = typer.Option(None, "--predictor", help=PREDICTOR_HELP),
     compare: List[str] = typer.Option([], "--compare", help="A:B pairs: speed-up of A over B."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results JSON here."),
     quick: bool = typer.Option(False, "--quick", help="Short measurements (smoke tests)."),
@@ -46,6 +48,7 @@ def bench(
     """Measure end-to-end latency and throughput of models, interleaved, in fresh sessions."""
     from rich.table import Table
 
+    from .artifact import predictor_for
     from .bench import BenchModel, bench as run_bench, speedups
     from .io import atomic_write_text, check_writable
     from .measure import MeasureConfig
@@ -61,12 +64,7 @@ def bench(
         models.append(BenchModel.from_name(name, w or widths_file, input_size=input_size))
     models += [BenchModel.from_checkpoint(c) for c in checkpoint]
     models += [BenchModel.from_onnx(o, input_size=input_size) for o in onnx]
-    predictor = None
-    if table is not None:
-        from .predict import LatencyPredictor
-        from .table import LatencyTable
-
-        predictor = LatencyPredictor().fit(LatencyTable.load(table))
+    fitted = predictor_for(table, predictor)
     if quick and min_time is not None:
         raise HwpruneError("give --quick or --min-time, not both")
     measure = MeasureConfig.quick() if quick else None
@@ -74,7 +72,7 @@ def bench(
         measure = MeasureConfig(warmup_s=min(0.2, min_time / 2), min_time_s=min_time)
     with item_progress(f"bench on {backend}") as update:
         doc = run_bench(models, backend, _batches(batch), threads=threads, device=device, rounds=rounds,
-                        measure=measure, predictor=predictor, progress=update)
+                        measure=measure, predictor=fitted, progress=update)
     pairs = []
     for c in compare:
         a, sep, b = c.partition(":")

@@ -1,4 +1,4 @@
-"""``hwprune widths | predict | validate``."""
+"""``hwprune widths | fit | predict | validate``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import typer
 from .cli import app, console
 from .errors import HwpruneError
 from .io import read_json
+
+#: help of the ``--predictor`` option of every command that takes ``--table``
+PREDICTOR_HELP = ("Predictor of the --table saved by `hwprune fit`: loaded, not fitted again. Default: the one cached "
+                  "beside the table (TABLE.predictor.zip), fitted and written when missing or stale.")
 
 
 def _echo_json(obj) -> None:
@@ -35,20 +39,48 @@ def widths(model: str = typer.Option(..., "--model"),
 
 
 @app.command()
+def fit(table: Path = typer.Option(..., "--table"),
+        out: Path = typer.Option(..., "--out", help="Predictor file to write, e.g. resnet50.predictor.zip."),
+        regressor: str = typer.Option("auto", "--regressor",
+                                      help="auto (chosen per unit kind by cross-validation), hgb, hgb_deep or "
+                                           "extra_trees."),
+        as_json: bool = typer.Option(False, "--json")) -> None:
+    """Fit the table's predictor once and save it, without pickles, for --predictor."""
+    from .artifact import save_predictor, table_digest
+    from .io import check_writable
+    from .predict import LatencyPredictor
+    from .table import LatencyTable
+
+    check_writable(out)
+    digest = table_digest(table)  # of the bytes about to be fitted on
+    pred = LatencyPredictor(regressor=regressor).fit(LatencyTable.load(table))
+    path = save_predictor(pred, out, table, digest=digest)
+    doc = {"predictor": str(path), "bytes": path.stat().st_size, "table": str(table), "table_sha256": digest,
+           "models": sorted(pred.models_), "fit_seconds": round(pred.fit_seconds_, 2),
+           "regressors": {k: v["chosen"] for k, v in pred.selection_.items() if "chosen" in v}}
+    if as_json:
+        _echo_json(doc)
+        return
+    console.print(f"fitted the predictor of {table} ({', '.join(doc['models'])}) in {doc['fit_seconds']:.1f} s; "
+                  f"wrote {path} ({doc['bytes'] / 1e6:.1f} MB): pass it with --predictor")
+
+
+@app.command()
 def predict(table: Path = typer.Option(..., "--table"),
             model: str = typer.Option(..., "--model"),
             widths_file: Optional[Path] = typer.Option(None, "--widths", help="Width JSON (default: unpruned)."),
+            predictor: Optional[Path] = typer.Option(None, "--predictor", help=PREDICTOR_HELP),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Predicted latency of a model (and per layer) on the table's device and settings."""
     from rich.table import Table
 
-    from .predict import LatencyPredictor
-    from .space import PruningSpace, WidthConfig
+    from .artifact import predictor_for
+    from .space import WidthConfig
     from .table import LatencyTable
 
     t = LatencyTable.load(table)
-    pred = LatencyPredictor().fit(t)
-    space = PruningSpace.from_name(model, input_size=t.settings.get("input_size"))
+    pred = predictor_for(table, predictor, t)
+    space = pred.check_model(model).template.space  # the channel groups the predictor was fitted with
     cfg = WidthConfig.load(widths_file) if widths_file else space.full()
     if widths_file and cfg.model and cfg.model != model:
         raise HwpruneError(f"width file '{widths_file}' is for model '{cfg.model}', not '{model}'")
@@ -93,22 +125,25 @@ def validate(table: Path = typer.Option(..., "--table"),
                  None, "--measured",
                  help="Time nothing: re-predict the configurations of an earlier `validate --json` output "
                       "with this table's predictor and score them against the measurements stored there."),
+             predictor: Optional[Path] = typer.Option(None, "--predictor", help=PREDICTOR_HELP),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Measure random pruned models end to end and compare them with the predictions."""
+    from .artifact import predictor_for
     from .progress import item_progress
     from .table import LatencyTable
     from .validate import plot_validation, repredict, validate as run_validate
 
     t = LatencyTable.load(table)
     if measured is not None:
-        res = repredict(t, read_json(measured, "validation"))
+        res = repredict(t, read_json(measured, "validation"), predictor_for(table, predictor, t))
     else:
         names = [m.strip() for m in (model or "").split(",") if m.strip()]
         if not names:
             raise HwpruneError("no model to validate", "give --model NAME[,NAME...] (or --measured FILE)")
+        pred = predictor_for(table, predictor, t)
         with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
             res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update, gate=gate,
-                               paired=paired)
+                               paired=paired, predictor=pred)
     png = plot or table.with_suffix(".validation.png")
     plot_validation(res, png)
     # every configuration with its widths and session timings, so that the measurements can be
@@ -117,6 +152,10 @@ def validate(table: Path = typer.Option(..., "--table"),
     if as_json:
         _echo_json(doc)
         return
+    _print_validation(res, png)
+
+
+def _print_validation(res, png: Path) -> None:
     console.print(f"n={res.n}: {100 * res.within_5pct:.1f}% within ±5%, {100 * res.within_10pct:.1f}% within ±10%, "
                   f"RMSPE {100 * res.rmspe:.2f}%, Spearman {res.spearman:.3f}; plot {png}")
     for m, d in res.drift.items():

@@ -67,17 +67,25 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
 def groups(model: str = typer.Option(..., "--model", help="Model name."),
            input_size: Optional[int] = typer.Option(None, "--input-size"),
            as_json: bool = typer.Option(False, "--json")) -> None:
-    """The prunable channel groups of a model (ids used by width configurations)."""
+    """The prunable channel groups of a model (ids used by width configurations).
+
+    A group next to a grouped convolution shows "step G": its convolutions keep their G conv
+    groups and become narrower, so its width is a multiple of G.
+    """
     from .space import PruningSpace
 
     space = PruningSpace.from_name(model, input_size=input_size)
     if as_json:
-        _print_json([{"id": g.id, "channels": g.channels, "kind": g.kind, "modules": list(g.modules)}
-                     for g in space.groups])
+        _print_json([{"id": g.id, "channels": g.channels, "kind": g.kind, "modules": list(g.modules),
+                      "step": g.step, "constraint": g.constraint} for g in space.groups])
         return
-    t = Table("group id", "channels", "kind", "coupled modules", title=f"{model}: {len(space)} channel groups")
+    t = Table("group id", "channels", "kind", "coupled modules", "constraint",
+              title=f"{model}: {len(space)} channel groups")
     for g in space.groups:
-        t.add_row(g.id, str(g.channels), g.kind, str(len(g.modules)))
+        t.add_row(g.id, str(g.channels), g.kind, str(len(g.modules)), f"step {g.step}" if g.step > 1 else "-")
+    if any(g.step > 1 for g in space.groups):
+        t.caption = ("step G: the width is a multiple of G, the conv groups of the grouped convolution the group "
+                     "feeds or comes out of (it keeps its G groups and each gets narrower; --json names it)")
     console.print(t)
 
 

@@ -14,7 +14,9 @@ the recipe for a user's own model:
 Everything it needs ships with the package (``hwprune/assets``): a cifar_resnet20 checkpoint
 trained by ``tools/train_baselines.sh`` and a 5,000 + 2,000 image sample of CIFAR-10. Re-running
 with the same ``--out`` continues: the table resumes, finished steps are redone only with
-``--force``.
+``--force``. ``--quick`` runs every step with short measurement windows (one validation session
+per configuration), and prune without waiting for a shared host's fast state; with a few hundred
+images as ``--data`` that is a smoke test of the whole pipeline in a minute or two.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def quickstart(
     samples: int = typer.Option(20, "--samples", min=2, help="Configurations measured to validate the predictor."),
     finetune_epochs: int = typer.Option(3, "--finetune-epochs", min=0),
     gcp_iters: int = typer.Option(30, "--gcp-iters", min=1, help="GCP iterations per regularise/recover phase."),
+    gcp_steps: int = typer.Option(4, "--gcp-steps", min=1, help="GCP regularise/prune/recover rounds."),
     threads: int = typer.Option(
         1, "--threads", min=1,
         help="Intra-op threads of every step. 1 by default: on shared hosts 1-thread timings repeat far better "
@@ -67,93 +70,124 @@ def quickstart(
         help="Seconds the profile may spend re-measuring configurations timed while a shared host was slow; "
              "after that they are kept once, marked."),
     force: bool = typer.Option(False, "--force", help="Redo finished steps."),
+    data: Path = typer.Option(
+        SAMPLE, "--data",
+        help="32x32 CIFAR-10 images to evaluate and fine-tune on, laid out as for hwprune train (default: the "
+             "shipped sample of 5,000 training and 2,000 test images).", show_default=False),
+    quick: bool = typer.Option(
+        False, "--quick",
+        help="Short measurements in profile, prune and bench, one validation session per configuration, and "
+             "prune does not wait for a shared host's fast state: a smoke test of every step, whose figures are "
+             "not worth reporting."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON on stdout."),
 ) -> None:
     """Profile this CPU, fit and validate the predictor, prune the shipped ResNet-20 to half its
     measured latency with GCP-lambda, verify it, and write a report. Offline; a few minutes on 2 cores."""
-    from rich.table import Table
-
-    for p in (BASE_CK, SAMPLE / "train.tar.gz", SAMPLE / "test.tar.gz"):
+    for p in (BASE_CK, *((SAMPLE / "train.tar.gz", SAMPLE / "test.tar.gz") if data == SAMPLE else ())):
         if not p.exists():
             raise HwpruneError(f"the quickstart asset {p} is missing", "reinstall hwprune from a full checkout")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    table, pruned = out / "cpu_table.parquet", out / "cifar_resnet20_gcp.pt"
-    base = out / "cifar_resnet20_base.pt"
+    steps: dict[str, float] = {}
     thr = ["--threads", str(threads)]
-    steps = {}
+    q = ["--quick"] if quick else []
+    table, val = _profile_and_validate(out, configs, samples, gate_budget, thr + q, quick, force, steps)
+    gcp = ["--steps", str(gcp_steps), "--iters", str(gcp_iters)]
+    base, pruned = _eval_and_prune(out, table, data, target, gcp, finetune_epochs, thr + q,
+                                   0.0 if quick else PATIENCE_S, force, steps)
+    bench_json, report = _bench_and_report(out, table, base, pruned, thr + q, force, steps)
+    summary = _summary(table, val, base, pruned, bench_json, report, target, steps, t0)
+    _print_summary(summary, target, report)
+    from .io import atomic_write_text
 
-    def done(path: Path) -> bool:
-        return path.exists() and not force
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1, default=str))
 
-    # 1. profile (a table left partial by an interrupted run is resumed)
+
+def _profile_and_validate(out: Path, configs: int, samples: int, gate_budget: float, opts: list[str], quick: bool,
+                          force: bool, steps: dict) -> tuple[Path, dict]:
+    """Steps 1 and 2: the latency table (a table left partial by an interrupted run is resumed), then
+    the predictor validated end to end on fresh configurations, in one session each when ``quick``.
+    ``opts``: the profile's --threads and --quick."""
+    from .io import atomic_write_text
     from .table import LatencyTable
 
+    table = out / "cpu_table.parquet"
     t = time.perf_counter()
     if force or not table.exists() or not LatencyTable.load(table).complete:
         _run(["profile", "--model", "cifar_resnet20", "--configs", str(configs), "--micro", "0", "--gate", "0.05",
-              "--gate-budget", f"{gate_budget:g}", "--out", str(table), *thr, "--resume" if table.exists() and not force else "--overwrite"])
+              "--gate-budget", f"{gate_budget:g}", "--out", str(table), *opts,
+              "--resume" if table.exists() and not force else "--overwrite"])
     steps["profile"] = time.perf_counter() - t
-    tab = LatencyTable.load(table)
-
-    # 2. validate the predictor end to end
     t = time.perf_counter()
     vjson = out / "validation.json"
-    if not done(vjson):
+    if force or not vjson.exists():
         with console.status(f"validating the predictor on {samples} fresh configurations"):
             doc = json.loads(_run(["validate", "--table", str(table), "--model", "cifar_resnet20", "--samples",
-                                   str(samples), "--paired", "--plot", str(out / "validation.png"), "--json"],
-                                  capture=True))
-        from .io import atomic_write_text
-
+                                   str(samples), "--rounds", "1" if quick else "2", "--paired", "--plot",
+                                   str(out / "validation.png"), "--json"], capture=True))
         atomic_write_text(vjson, json.dumps(doc, indent=1) + "\n")
-    val = json.loads(vjson.read_text())
     steps["validate"] = time.perf_counter() - t
+    return table, json.loads(vjson.read_text())
 
-    # 3. the base model on the test sample
+
+def _eval_and_prune(out: Path, table: Path, data: Path, target: float, gcp: list[str], finetune_epochs: int,
+                    opts: list[str], patience: float, force: bool, steps: dict) -> tuple[Path, Path]:
+    """Steps 3 and 4: the shipped checkpoint evaluated on the test split of ``data``, then GCP-lambda
+    (``gcp``: its --steps and --iters) to the latency target, met on the device and fine-tuned on the
+    training split."""
+    from .checkpoint import Checkpoint
+
+    base, pruned = out / "cifar_resnet20_base.pt", out / "cifar_resnet20_gcp.pt"
     t = time.perf_counter()
-    if not done(base):
-        from .checkpoint import Checkpoint
-
+    if force or not base.exists():
         ck = Checkpoint.load(BASE_CK)
-        with console.status("evaluating the shipped cifar_resnet20 on the CIFAR-10 test sample"):
-            acc = json.loads(_run(["eval", "--checkpoint", str(BASE_CK), "--data", str(SAMPLE), "--json"],
+        with console.status(f"evaluating the shipped cifar_resnet20 on the test images of {data}"):
+            acc = json.loads(_run(["eval", "--checkpoint", str(BASE_CK), "--data", str(data), "--json"],
                                   capture=True))
         ck.meta["full_test_accuracy"] = ck.meta.get("accuracy")
         ck.meta["accuracy"] = acc
         ck.save(base)
     steps["eval"] = time.perf_counter() - t
-
-    # 4. GCP-lambda to the latency target, met on the device, fine-tuned on the training sample
     t = time.perf_counter()
-    if not done(pruned):
-        _run(["prune", "--checkpoint", str(base), "--data", str(SAMPLE), "--table", str(table), "--method", "gcp",
-              "--objective", "latency", "--target", f"{target:g}", "--steps", "4", "--iters", str(gcp_iters),
-              "--finetune-epochs", str(finetune_epochs), "--finetune-lr", "0.01", "--patience", f"{PATIENCE_S:g}", *thr,
-              "--chart", str(out / "widths.png"), "--out", str(pruned)])
+    if force or not pruned.exists():
+        _run(["prune", "--checkpoint", str(base), "--data", str(data), "--table", str(table), "--method", "gcp",
+              "--objective", "latency", "--target", f"{target:g}", *gcp, "--finetune-epochs", str(finetune_epochs),
+              "--finetune-lr", "0.01", "--patience", f"{patience:g}", *opts, "--chart", str(out / "widths.png"),
+              "--out", str(pruned)])
     steps["prune"] = time.perf_counter() - t
+    return base, pruned
 
-    # 5. verify: base and pruned interleaved in fresh sessions
+
+def _bench_and_report(out: Path, table: Path, base: Path, pruned: Path, opts: list[str], force: bool,
+                      steps: dict) -> tuple[Path, Path]:
+    """Steps 5 and 6: base and pruned model interleaved in fresh sessions, then the report."""
     t = time.perf_counter()
     bench_json = out / "bench.json"
-    if not done(bench_json) or bench_json.stat().st_mtime < pruned.stat().st_mtime:
-        _run(["bench", "--checkpoint", str(base), "--checkpoint", str(pruned), "--batch", "1", *thr,
+    if force or not bench_json.exists() or bench_json.stat().st_mtime < pruned.stat().st_mtime:
+        _run(["bench", "--checkpoint", str(base), "--checkpoint", str(pruned), "--batch", "1", *opts,
               "--table", str(table), "--compare", f"{pruned.stem}:{base.stem}", "--json", str(bench_json)])
     steps["bench"] = time.perf_counter() - t
-
-    # 6. report
     report = out / "report.html"
     _run(["report", "--bench", str(bench_json), "--checkpoints", str(base), "--checkpoints", str(pruned),
           "--out", str(report)])
+    return bench_json, report
 
+
+def _summary(table: Path, val: dict, base: Path, pruned: Path, bench_json: Path, report: Path, target: float,
+             steps: dict, t0: float) -> dict:
+    """What the quickstart prints and writes to summary.json."""
     from .checkpoint import Checkpoint
+    from .table import LatencyTable
 
+    tab = LatencyTable.load(table)
     bdoc = json.loads(bench_json.read_text())
     res = {r["model"]: r for r in bdoc["results"]}
     b, p = res[base.stem], res[pruned.stem]
     bmeta, pmeta = Checkpoint.load(base).meta, Checkpoint.load(pruned).meta
     speedup = bdoc["speedups"][0]["speedup"] if bdoc.get("speedups") else b["latency_ms"]["median"] / p["latency_ms"]["median"]
-    summary = {
+    return {
         "device": bdoc["device"].get("cpu_model"), "table": str(table), "table_rows": len(tab),
         # configurations profiled while the host stayed slow after the gate budget ran out
         "table_slow_state_configs": len(tab.slow_items()),
@@ -171,6 +205,12 @@ def quickstart(
         "target": target, "measured_speedup": speedup, "report": str(report),
         "seconds": {**{k: round(v, 1) for k, v in steps.items()}, "total": round(time.perf_counter() - t0, 1)},
     }
+
+
+def _print_summary(summary: dict, target: float, report: Path) -> None:
+    from rich.table import Table
+
+    speedup = summary["measured_speedup"]
     tbl = Table(title=f"hwprune quickstart on {summary['device']}")
     tbl.add_column("")
     tbl.add_column("base cifar_resnet20", justify="right")
@@ -194,8 +234,3 @@ def quickstart(
         console.print(f"[yellow]the predictor was fitted on {pv['slow_configs_used']} configurations profiled while "
                       f"this host was slow[/] (too few others): expect it to predict high")
     console.print(f"report: {report} (and {report.with_suffix('.md')}); total {summary['seconds']['total'] / 60:.1f} min")
-    from .io import atomic_write_text
-
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
-    if as_json:
-        typer.echo(json.dumps(summary, indent=1, default=str))

@@ -106,7 +106,7 @@ class LatencyCost(_Base):
 
     def __init__(self, space: PruningSpace, predictor, throughput: bool = False):
         super().__init__(space)
-        predictor._check(space.name)
+        predictor.check_model(space.name)
         self.predictor = predictor
         self.per_image = throughput
         self.batch = int(predictor.settings_.get("batch") or 1)

@@ -20,23 +20,23 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .errors import HwpruneError
-from .space import PruningSpace, WidthConfig
+from .registry import Registry
+from .space import PruningSpace, WidthConfig, top_units
 
-CRITERIA = ("bn", "l1", "l2", "groupnorm", "taylor", "random")
+CRITERIA: Registry = Registry("importance criterion")
+CRITERIA.add("bn", lambda: tp.importance.BNScaleImportance(normalizer=None), "BatchNorm scale |gamma| (Network Slimming, GCP)")
+CRITERIA.add("l1", lambda: tp.importance.GroupMagnitudeImportance(p=1, normalizer=None, group_reduction="first"),
+             "L1 norm of the group's first filter (Li et al.)")
+CRITERIA.add("l2", lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer=None, group_reduction="mean"),
+             "L2 norm over every coupled layer of the group")
+CRITERIA.add("groupnorm", CRITERIA.get("l2"), "Torch-Pruning's group-norm criterion (the same as l2)")
+CRITERIA.add("taylor", lambda: tp.importance.GroupTaylorImportance(normalizer=None),
+             "first-order Taylor |w * grad| over a few batches of data")
+CRITERIA.add("random", lambda: tp.importance.RandomImportance(), "random scores, a control")
 
 
 def _scorer(criterion: str):
-    if criterion == "bn":
-        return tp.importance.BNScaleImportance(normalizer=None)
-    if criterion == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1, normalizer=None, group_reduction="first")
-    if criterion in ("l2", "groupnorm"):
-        return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None, group_reduction="mean")
-    if criterion == "taylor":
-        return tp.importance.GroupTaylorImportance(normalizer=None)
-    if criterion == "random":
-        return tp.importance.RandomImportance()
-    raise HwpruneError(f"unknown importance criterion '{criterion}'", f"choose one of {', '.join(CRITERIA)}")
+    return CRITERIA.get(criterion)()
 
 
 def channel_importance(space: PruningSpace, model: nn.Module | None = None, criterion: str = "l1",
@@ -76,11 +76,17 @@ def channel_importance(space: PruningSpace, model: nn.Module | None = None, crit
     return out
 
 
-def keep_indices(scores: Mapping[str, np.ndarray], widths: WidthConfig) -> dict[str, list[int]]:
-    """The ``width`` highest-scoring channels of each group (ties broken by index)."""
+def keep_indices(scores: Mapping[str, np.ndarray], widths: WidthConfig,
+                 space: PruningSpace | None = None) -> dict[str, list[int]]:
+    """The ``width`` highest-scoring channels of each group (ties broken by index).
+
+    With ``space``, a group with a step (grouped convolutions) keeps whole units, the same
+    positions in every conv group, ranked by their mean score (:meth:`ChannelGroup.keep_top`).
+    """
     keep = {}
     for gid, w in widths.widths.items():
-        s = np.asarray(scores[gid])
-        order = np.lexsort((np.arange(len(s)), -s))
-        keep[gid] = sorted(int(i) for i in order[:w])
+        if space is not None:
+            keep[gid] = space[gid].keep_top(scores[gid], w)
+        else:
+            keep[gid] = top_units(scores[gid], np.arange(len(scores[gid]))[:, None], w)
     return keep

@@ -34,22 +34,26 @@ How a prediction is made:
   nodes, launch gaps and the profiler's own cost): a power law of the out-of-fold
   predicted layer sums by default (see :meth:`LatencyPredictor.fit`).
 
-Predictors persist as data (the table's path and digest plus the parameters) and are
-refitted on load, so no pickle ever has to survive a scikit-learn upgrade.
+A fitted predictor is saved as an artifact without pickles (:mod:`hwprune.artifact`):
+commands given ``--table`` load it from ``--predictor`` or from the cache beside the table
+instead of fitting again.
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from .errors import HwpruneError, TableMismatch
@@ -72,6 +76,10 @@ FEATURE_NAMES = ["batch", "cin", "cout", "kh", "stride", "h", "oh", "log_flops",
                  "cout_mod32", "cin16", "cout16", "cin_small", "prod_cin_mod16", "prod_cin_small", "residual_out",
                  "cin_mod4", "cout_mod4", "prod_cin_mod4", "prod_unblocked", "peer_unblocked",
                  "unblocked", "log_kernel_flops"]
+#: Version of what a fitted predictor means: the features above, the targets, the template's
+#: layer context and the fitted attributes. Change it with any of them: saved predictors
+#: (:mod:`hwprune.artifact`) of another version are refused, and cached ones refitted.
+FEATURE_VERSION = 2
 
 
 def _ceil(a: np.ndarray, m: int) -> np.ndarray:
@@ -79,7 +87,7 @@ def _ceil(a: np.ndarray, m: int) -> np.ndarray:
 
 
 def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0, residual=0, prod_unblocked=0,
-                   peer_unblocked=0) -> np.ndarray:
+                   peer_unblocked=0, groups=1) -> np.ndarray:
     """Feature matrix of layers (all arguments broadcast to 1-D arrays).
 
     ``prod_cin`` is the input channel count of the layer that produces this layer's input
@@ -89,20 +97,23 @@ def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0
     ``peer_unblocked`` count the layers producing this layer's input, and the other layers
     writing its output's channel group, that run outside the blocked layout
     (:meth:`ModelTemplate.layout_context`): they decide the reorders and unfused Adds
-    around this layer.
+    around this layer. ``groups`` is the number of conv groups of a grouped convolution
+    (1 for dense layers; depthwise ones are their own kind): it enters through the FLOPs,
+    the weight bytes and the blocked-layout rule, so dense layers' features do not change.
     """
-    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu = (
+    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu, g = (
         np.atleast_1d(np.asarray(a, dtype=np.float64))
-        for a in (batch, cin, cout, kh, kw, stride, h, w, prod_cin, residual, prod_unblocked, peer_unblocked))
-    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu = np.broadcast_arrays(b, cin, cout, kh, kw, s, h, w, pc, res, pu,
-                                                                          qu)
+        for a in (batch, cin, cout, kh, kw, stride, h, w, prod_cin, residual, prod_unblocked, peer_unblocked, groups))
+    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu, g = np.broadcast_arrays(b, cin, cout, kh, kw, s, h, w, pc, res,
+                                                                             pu, qu, g)
     oh, ow = (h - 1) // s + 1, (w - 1) // s + 1
-    cin_per_group = np.ones_like(cin) if kind == "dwconv" else cin
+    cin_per_group = np.ones_like(cin) if kind == "dwconv" else cin / g
     flops = b * oh * ow * cout * cin_per_group * kh * kw
     c16i, c16o = _ceil(cin, 16), _ceil(cout, 16)
-    padded = b * oh * ow * c16o * (np.ones_like(cin) if kind == "dwconv" else c16i) * kh * kw
+    padded = b * oh * ow * c16o * (np.ones_like(cin) if kind == "dwconv" else _ceil(cin_per_group, 16)) * kh * kw
     # blocked kernels compute on channels padded to the SIMD block; the NCHW fallback does not
-    nb = (unblocked(kind == "dwconv", cin) if kind != "linear" else np.zeros_like(cin, dtype=bool)).astype(np.float64)
+    nb = (unblocked(kind == "dwconv", cin, g, cout) if kind != "linear"
+          else np.zeros_like(cin, dtype=bool)).astype(np.float64)
     in_bytes = 4 * b * cin * h * w
     out_bytes = 4 * b * cout * oh * ow
     w_bytes = 4 * cout * cin_per_group * kh * kw
@@ -293,11 +304,12 @@ class LayerPrediction:
         return dict(self.__dict__)
 
 
-class LatencyPredictor:
+class LatencyPredictor(BaseEstimator):
     """Latency of any width configuration of the models a device's table covers.
 
-    Follows scikit-learn's conventions: parameters in ``__init__``, ``fit`` returns
-    ``self``, learnt attributes end with ``_``, ``get_params``/``set_params``.
+    A scikit-learn estimator: parameters in ``__init__`` (``get_params``/``set_params``
+    and ``clone`` come from :class:`~sklearn.base.BaseEstimator`), validated in ``fit``,
+    which returns ``self``; learnt attributes end with ``_``.
 
     >>> pred = LatencyPredictor().fit(LatencyTable.load("table.parquet"))  # doctest: +SKIP
     >>> pred.predict("resnet18", [space.uniform(0.5)])                   # doctest: +SKIP
@@ -313,20 +325,22 @@ class LatencyPredictor:
         self.random_state = random_state
         self.selection_rows = selection_rows
 
-    # -- scikit-learn conventions ---------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict:
-        return {"regressor": self.regressor, "min_rows": self.min_rows, "cv_folds": self.cv_folds,
-                "random_state": self.random_state, "selection_rows": self.selection_rows,
-                "calibration": self.calibration, "flop_exponent": self.flop_exponent}
-
-    def set_params(self, **params) -> "LatencyPredictor":
-        for k, v in params.items():
-            if k not in self.get_params():
-                raise ValueError(f"unknown parameter {k!r}")
-            setattr(self, k, v)
-        return self
-
     # -- fitting ----------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        """Raise a one-line error for a parameter ``fit`` cannot use, before any work."""
+        cands = _candidates(self.random_state)
+        if self.regressor != "auto" and self.regressor not in cands:
+            raise HwpruneError(f"unknown regressor '{self.regressor}'", f"choose auto or one of {', '.join(cands)}")
+        if self.calibration not in CALIBRATIONS:
+            raise HwpruneError(f"unknown calibration '{self.calibration}'", f"choose {', '.join(CALIBRATIONS)}")
+        for name in ("min_rows", "cv_folds", "selection_rows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (2 if name == "cv_folds" else 1):
+                raise HwpruneError(f"{name} must be an integer of at least {2 if name == 'cv_folds' else 1}, got {v!r}")
+        a = self.flop_exponent
+        if isinstance(a, bool) or not isinstance(a, (int, float, np.number)) or not np.isfinite(a):
+            raise HwpruneError(f"flop_exponent must be a finite number, got {self.flop_exponent!r}")
+
     def _template(self, model: str, input_size) -> ModelTemplate:
         return ModelTemplate(PruningSpace.from_name(model, input_size=input_size))
 
@@ -355,10 +369,7 @@ class LatencyPredictor:
         insitu = rows[rows["source"] == "insitu"]
         measured = table.meta.node_overhead_ms
         self.node_overhead_ms_ = float(measured) if measured is not None else 0.0
-        X: dict[str, list] = {k: [] for k in KINDS}
-        y: dict[str, list] = {k: [] for k in KINDS}
-        extra: dict[str, list] = {k: [] for k in KINDS}
-        grp: dict[str, list] = {k: [] for k in KINDS}
+        acc: dict[str, dict[str, list]] = {f: {k: [] for k in KINDS} for f in ("X", "y", "extra", "groups")}
         fits: dict[str, _ModelFit] = {}
         sums = []  # per e2e item: measured e2e time
         for model in sorted(set(rows["model"].dropna())):
@@ -372,32 +383,37 @@ class LatencyPredictor:
                 nodes = by_item.get(item)
                 if nodes is None or not len(nodes):
                     continue
-                attributed = _attribute(nodes, names)
-                time_ms = (nodes["median_ms"] - self.node_overhead_ms_).clip(lower=1e-4)
-                per_layer = time_ms.groupby(attributed).sum()
-                own = nodes["kind"].isin(KINDS).to_numpy() & (nodes["layer"] == attributed).to_numpy()
-                kernel = time_ms[own].groupby(attributed[own]).sum()
-                W = tpl.width_matrix([json.loads(e.widths)])
-                cin, cout = tpl.channels(W)
-                for kind in KINDS:
-                    js = [j for j, s in enumerate(tpl.slots) if s.kind == kind and s.name in kernel.index]
-                    if not js:
-                        continue
-                    X[kind].extend(tpl.features(kind, js, batch, cin[0], cout[0]))
-                    y[kind].extend(float(kernel[tpl.slots[j].name]) for j in js)
-                    extra[kind].extend(max(float(per_layer[tpl.slots[j].name] - kernel[tpl.slots[j].name]), 0.0)
-                                       for j in js)
-                    grp[kind].extend([f"{model}/{item}"] * len(js))
+                self._add_layer_rows(acc, tpl, names, nodes, json.loads(e.widths), batch, f"{model}/{item}")
                 sums.append({"model": model, "item": item, "e2e": float(e.median_ms), "widths": e.widths})
         ts = TrainingSet({}, {}, {}, {})
         for k in KINDS:
-            if y[k]:
-                ts.X[k] = np.asarray(X[k])
-                ts.y[k] = np.asarray(y[k])
-                ts.extra[k] = np.asarray(extra[k])
-                ts.groups[k] = np.asarray(grp[k])
+            if acc["y"][k]:
+                ts.X[k] = np.asarray(acc["X"][k])
+                ts.y[k] = np.asarray(acc["y"][k])
+                ts.extra[k] = np.asarray(acc["extra"][k])
+                ts.groups[k] = np.asarray(acc["groups"][k])
                 ts.ranges[k] = (ts.X[k].min(axis=0), ts.X[k].max(axis=0))
         return ts, fits, pd.DataFrame(sums)
+
+    def _add_layer_rows(self, acc: dict[str, dict[str, list]], tpl: ModelTemplate, names: set[str],
+                        nodes: pd.DataFrame, widths: Mapping[str, int], batch: int, group: str) -> None:
+        """Append one configuration's layer rows to ``acc``, per unit kind: features, the
+        kernel's time, the extras' time and the configuration (``group``)."""
+        attributed = _attribute(nodes, names)
+        time_ms = (nodes["median_ms"] - self.node_overhead_ms_).clip(lower=1e-4)
+        per_layer = time_ms.groupby(attributed).sum()
+        own = nodes["kind"].isin(KINDS).to_numpy() & (nodes["layer"] == attributed).to_numpy()
+        kernel = time_ms[own].groupby(attributed[own]).sum()
+        cin, cout = tpl.channels(tpl.width_matrix([widths]))
+        for kind in KINDS:
+            js = [j for j, s in enumerate(tpl.slots) if s.kind == kind and s.name in kernel.index]
+            if not js:
+                continue
+            layers = [tpl.slots[j].name for j in js]
+            acc["X"][kind].extend(tpl.features(kind, js, batch, cin[0], cout[0]))
+            acc["y"][kind].extend(float(kernel[n]) for n in layers)
+            acc["extra"][kind].extend(max(float(per_layer[n] - kernel[n]), 0.0) for n in layers)
+            acc["groups"][kind].extend([group] * len(js))
 
     def _select(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[str, dict, np.ndarray]:
         """The regressor with the lowest grouped-CV RMSPE (on at most ``selection_rows`` rows) and its scores."""
@@ -405,8 +421,6 @@ class LatencyPredictor:
         from sklearn.model_selection import GroupKFold
 
         cands, a = _candidates(self.random_state), self.flop_exponent
-        if self.regressor != "auto" and self.regressor not in cands:
-            raise HwpruneError(f"unknown regressor '{self.regressor}'", f"choose auto or one of {', '.join(cands)}")
         names = list(cands) if self.regressor == "auto" else [self.regressor]
         if len(names) == 1:
             return names[0], {}, np.full_like(y, np.nan)
@@ -460,13 +474,14 @@ class LatencyPredictor:
         of a heavily pruned mobilenet_v2, and the in-situ profile running slower than an
         unprofiled session by a share that grows as the layers shrink. Out-of-fold rather
         than in-sample predictions, because in-sample ones fit the noise and would make the
-        map an identity. With ``"measured"`` it is a line fitted on the measured layer sums
-        (the choice before session 6). Compared by cross-validation on the tables in
+        map an identity. With ``"measured"`` it is a line fitted on the measured layer sums.
+        Compared by cross-validation on the tables in
         ``benchmarks/predictor_cv.py``.
         """
-        from sklearn.base import clone
-
         t0 = time.perf_counter()
+        self._validate_params()
+        if not isinstance(table, LatencyTable):
+            raise HwpruneError(f"a predictor is fitted on a LatencyTable, not on {type(table).__name__}")
         if len(table.e2e) == 0:
             raise HwpruneError("the table has no end-to-end rows to calibrate a predictor on")
         ts, fits, sums = self._training_set(table)
@@ -476,23 +491,34 @@ class LatencyPredictor:
             ts, fits, sums = self._training_set(table, drop_slow=False)
         if not ts.y:
             raise HwpruneError("the table has no in-situ layer rows the predictor can learn from")
-        self.settings_ = dict(table.settings)
-        self.flop_exponent_ = float(self.flop_exponent)  # what the kernels were fitted on, whatever set_params does later
-        self.fingerprint_ = dict(table.meta.fingerprint)
-        self.models_ = fits
-        self.estimators_: dict[str, object] = {}
-        self.extras_: dict[str, _Extras] = {}
-        self.selection_: dict[str, dict] = {}
-        self.ranges_ = ts.ranges
-        cands = _candidates(self.random_state)
-        measured_sum: dict[str, float] = {}  # measured (target) time of each configuration's layers
-        oof_sum: dict[str, float] = {}  # the same, predicted by regressors fitted without that configuration
         for k, y in ts.y.items():
             if len(y) < self.min_rows:
                 raise HwpruneError(f"the table is too small to fit the '{k}' regressor: {len(y)} layer rows, "
                                    f"need {self.min_rows}", "profile more configurations (--configs)")
-        if self.calibration not in CALIBRATIONS:
-            raise HwpruneError(f"unknown calibration '{self.calibration}'", f"choose {', '.join(CALIBRATIONS)}")
+        self.settings_ = dict(table.settings)
+        self.flop_exponent_ = float(self.flop_exponent)  # what the kernels were fitted on, whatever set_params does later
+        self.fingerprint_ = dict(table.meta.fingerprint)
+        self.models_ = fits
+        self.ranges_ = ts.ranges
+        self.selection_: dict[str, dict] = {}
+        measured_sum, oof_sum = self._fit_kinds(ts)
+        self._fit_calibration(sums, measured_sum, oof_sum)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _fit_kinds(self, ts: TrainingSet) -> tuple[dict[str, float], dict[str, float]]:
+        """Fit each unit kind's kernel regressor (chosen by :meth:`_select`) and extras model.
+
+        Returns, per configuration, the measured (target) time of its layers and the same
+        predicted by regressors fitted without that configuration (the measured time again
+        when ``calibration="measured"``)."""
+        from sklearn.base import clone
+
+        self.estimators_: dict[str, object] = {}
+        self.extras_: dict[str, _Extras] = {}
+        cands = _candidates(self.random_state)
+        measured_sum: dict[str, float] = {}
+        oof_sum: dict[str, float] = {}
         crossfit = self.calibration != "measured"
         for k, y in ts.y.items():
             # one OpenMP thread: the fits are small, and spinning OpenMP workers made them 20x slower
@@ -508,7 +534,12 @@ class LatencyPredictor:
             for g, v, o in zip(ts.groups[k], total, oof):
                 measured_sum[g] = measured_sum.get(g, 0.0) + float(v)
                 oof_sum[g] = oof_sum.get(g, 0.0) + float(o)
-        for model, f in fits.items():
+        return measured_sum, oof_sum
+
+    def _fit_calibration(self, sums: pd.DataFrame, measured_sum: Mapping[str, float],
+                         oof_sum: Mapping[str, float]) -> None:
+        """Fit each model's map from summed layer times to end-to-end time (see :meth:`fit`)."""
+        for model, f in self.models_.items():
             s = sums[sums["model"] == model]
             x = np.array([measured_sum.get(f"{model}/{i}", np.nan) for i in s["item"]])
             xo = np.array([oof_sum.get(f"{model}/{i}", np.nan) for i in s["item"]])
@@ -523,13 +554,18 @@ class LatencyPredictor:
                 choice = min(errs, key=errs.get)
                 self.selection_.setdefault("calibration", {})[model] = {"chosen": choice, "loo_rmspe": errs}
             f.slope, f.intercept, f.log = _calibrate(choice, x, xo, e2e)
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
 
     # -- prediction -------------------------------------------------------------------
-    def _check(self, model: str) -> _ModelFit:
-        if not hasattr(self, "models_"):
-            raise HwpruneError("the predictor is not fitted", "call fit(table) first")
+    def _check_fitted(self) -> None:
+        try:
+            check_is_fitted(self, "models_")
+        except NotFittedError:
+            raise HwpruneError("the predictor is not fitted", "call fit(table) first") from None
+
+    def check_model(self, model: str) -> _ModelFit:
+        """The fitted parts of ``model``; a one-line error when the predictor is not fitted or
+        its table never covered ``model``."""
+        self._check_fitted()
         if model not in self.models_:
             raise HwpruneError(f"the table never covered model '{model}'",
                                f"it covers {', '.join(self.models_)}; profile {model} on this device first")
@@ -546,7 +582,7 @@ class LatencyPredictor:
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per-layer predictions [N, layers], channel matrices, the extrapolation mask and
         the extras' part of the predictions."""
-        tpl = self._check(model).template
+        tpl = self.check_model(model).template
         W = configs if isinstance(configs, np.ndarray) else tpl.width_matrix(list(configs))
         cin, cout = tpl.channels(W)
         n, L = cin.shape
@@ -578,10 +614,10 @@ class LatencyPredictor:
 
     def predict(self, model: str, configs: Sequence[WidthConfig | Mapping[str, int]] | np.ndarray) -> np.ndarray:
         """End-to-end latency (ms) of each configuration, vectorised over configurations."""
-        return self._check(model)(self._layer_sum(model, configs))
+        return self.check_model(model)(self._layer_sum(model, configs))
 
     def predict_layers(self, model: str, config: WidthConfig | Mapping[str, int]) -> tuple[float, list[LayerPrediction]]:
-        f = self._check(model)
+        f = self.check_model(model)
         per, cin, cout, outside, extras = self._layer_matrix(model, [config])
         layers = [LayerPrediction(s.name, s.kind, int(cin[0, j]), int(cout[0, j]), s.h, s.w, s.kh, s.stride,
                                   float(per[0, j]), bool(outside[0, j]), float(extras[0, j]))
@@ -591,7 +627,7 @@ class LatencyPredictor:
     def marginal_costs(self, model: str, config: WidthConfig | Mapping[str, int],
                        step: int = 16) -> dict[str, tuple[float, float]]:
         """Per group: predicted ms saved by removing 1 channel and ``step`` channels at these widths."""
-        tpl = self._check(model).template
+        tpl = self.check_model(model).template
         base = tpl.width_matrix([config])[0]
         rows = [base]
         for i in range(len(base)):
@@ -606,32 +642,34 @@ class LatencyPredictor:
         return out
 
     # -- persistence ------------------------------------------------------------------
-    def save(self, path: str | Path, table_path: str | Path) -> Path:
-        """Save as data: the table's path and digest and this predictor's parameters."""
-        from .io import atomic_write_text
+    def without_modules(self) -> "LatencyPredictor":
+        """A copy that predicts the same and holds no torch module: each model's template
+        keeps its layers and its space's channel groups (validation, sampling, costs) but not
+        the network they were read from. What :mod:`hwprune.artifact` saves."""
+        self._check_fitted()
+        out = copy.copy(self)
+        out.models_ = {}
+        for model, f in self.models_.items():
+            tpl = copy.copy(f.template)
+            tpl.space = copy.copy(tpl.space)
+            tpl.space.model = None
+            out.models_[model] = replace(f, template=tpl)
+        return out
 
-        table_path = Path(table_path)
-        doc = {"format": "hwprune.predictor/1", "table": str(table_path.resolve()),
-               "table_sha256": hashlib.sha256(table_path.read_bytes()).hexdigest(), "params": self.get_params(),
-               "selection": getattr(self, "selection_", {}), "settings": getattr(self, "settings_", {}),
-               "slow_configs_used": getattr(self, "slow_configs_used_", 0)}
-        return atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
+    def save(self, path: str | Path, table_path: str | Path) -> Path:
+        """Save the fitted predictor as an artifact of the table at ``table_path``
+        (:func:`hwprune.artifact.save_predictor`)."""
+        from .artifact import save_predictor
+
+        return save_predictor(self, path, table_path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyPredictor":
-        p = Path(path)
-        try:
-            doc = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HwpruneError(f"cannot read predictor '{p}': {e}") from None
-        if doc.get("format") != "hwprune.predictor/1":
-            raise HwpruneError(f"'{p}' is not an hwprune predictor file")
-        table_path = Path(doc["table"])
-        if not table_path.exists():
-            raise HwpruneError(f"predictor '{p}' refers to table '{table_path}', which is missing")
-        if hashlib.sha256(table_path.read_bytes()).hexdigest() != doc["table_sha256"]:
-            raise HwpruneError(f"table '{table_path}' changed since predictor '{p}' was saved", "fit it again")
-        return cls(**doc["params"]).fit(LatencyTable.load(table_path))
+    def load(cls, path: str | Path, table_path: str | Path | None = None) -> "LatencyPredictor":
+        """Load a saved predictor without refitting; with ``table_path``, refuse one fitted on
+        another table (:func:`hwprune.artifact.load_predictor`)."""
+        from .artifact import load_predictor
+
+        return load_predictor(path, table_path)
 
 
 def fit_predictor(table: str | Path | LatencyTable, **params) -> LatencyPredictor:

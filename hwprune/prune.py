@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch.nn as nn
@@ -65,25 +65,29 @@ DEFAULT_MIN_KEEP = 0.2  # every group keeps at least this fraction of its channe
 
 
 def removal_order(space: PruningSpace, scores: Mapping[str, np.ndarray], min_keep: float = DEFAULT_MIN_KEEP) -> list[int]:
-    """Group index of each channel in global removal order (least important first).
+    """Group index of each removal in global removal order (least important first).
 
+    A removal takes one unit of its group: one channel, or ``step`` channels (one position
+    in every conv group) of a group with grouped convolutions, scored by their mean.
     Scores are normalised by their group's mean so that groups compare fairly (as
     Torch-Pruning's global pruning does); every group keeps ``min_keep`` of its channels.
     """
     entries = []
     for gi, g in enumerate(space.groups):
         s = np.asarray(scores[g.id], dtype=np.float64)
-        s = s / (s.mean() + 1e-12)
-        keep = max(1, math.ceil(min_keep * g.channels))
-        removable = np.sort(s)[: g.channels - keep]
+        s = (s / (s.mean() + 1e-12))[g.units()].mean(axis=1)
+        keep = max(1, math.ceil(min_keep * len(s)))
+        removable = np.sort(s)[: len(s) - keep]
         entries += [(float(v), gi) for v in removable]
     entries.sort()
     return [gi for _, gi in entries]
 
 
 def first_prefix_within(cost: CostBase, widths: np.ndarray, order: list[int], budget: float,
-                        stride: int = 16) -> tuple[np.ndarray, int]:
-    """Remove channels one by one (group index ``order[k]`` at step ``k``) from ``widths``.
+                        stride: int = 16, unit: Sequence[int] | None = None) -> tuple[np.ndarray, int]:
+    """Apply removals one at a time (group index ``order[k]`` at step ``k``) to ``widths``; a
+    removal takes ``unit[g]`` channels of group ``g`` (1 by default; the groups' steps for the
+    order :func:`removal_order` gives).
 
     Returns the width matrix of every prefix of removals and the length of the shortest
     prefix whose cost is at most ``budget`` (all of them when none is). Costs are taken on
@@ -92,7 +96,7 @@ def first_prefix_within(cost: CostBase, widths: np.ndarray, order: list[int], bu
     """
     steps = np.zeros((len(order) + 1, len(widths)), dtype=np.int64)
     if order:
-        steps[np.arange(1, len(order) + 1), order] = 1
+        steps[np.arange(1, len(order) + 1), order] = 1 if unit is None else np.asarray(unit)[order]
     W = np.asarray(widths)[None, :] - np.cumsum(steps, axis=0)
     coarse = np.arange(0, len(W), stride)
     hit = np.nonzero(cost.total(W[coarse]) <= budget * (1 + 1e-12))[0]
@@ -107,10 +111,11 @@ def search_global(space: PruningSpace, scores: Mapping[str, np.ndarray], cost: C
     """Remove the globally least important channels until the cost is at most ``target``."""
     order = removal_order(space, scores, min_keep)
     caps = np.array([g.channels for g in space.groups])
+    unit = np.array([g.step for g in space.groups])
     floor = caps.copy()
-    np.subtract.at(floor, order, 1)
+    np.subtract.at(floor, order, unit[order])
     _check_target(cost, target, WidthConfig(space.name, dict(zip([g.id for g in space.groups], floor.tolist()))))
-    W, n = first_prefix_within(cost, caps, order, target * float(cost.total(caps[None, :])[0]))
+    W, n = first_prefix_within(cost, caps, order, target * float(cost.total(caps[None, :])[0]), unit=unit)
     return WidthConfig(space.name, dict(zip([g.id for g in space.groups], W[n].tolist())))
 
 
@@ -119,12 +124,15 @@ def round_to_staircase(space: PruningSpace, latency: CostBase, widths: WidthConf
 
     Latency on real hardware is a staircase in the channel count (SIMD blocks, kernel
     selection, layout reorders), so a few more channels are often free and a few fewer
-    may not save anything. Groups are visited in order, each with the others fixed.
+    may not save anything. Groups are visited in order, each with the others fixed. Only
+    a group's valid widths are candidates; a group whose step exceeds ``window`` (grouped
+    convolutions) looks one step either way.
     """
     cur = dict(space.validate(widths).widths)
     for g in space.groups:
         w = cur[g.id]
-        cands = list(range(max(1, w - window), min(g.channels, w + window) + 1))
+        reach = max(window, g.step)
+        cands = [c for c in g.valid_widths() if abs(c - w) <= reach]
         cfgs = [{**cur, g.id: c} for c in cands]
         t = latency.total(cfgs)
         ref = t[cands.index(w)]
@@ -179,5 +187,5 @@ def prune_widths(space: PruningSpace, method: str, cost: CostBase, target: float
         cfg = search_uniform(space, cost, target)
     else:
         cfg = search_global(space, scores, cost, target, min_keep=min_keep)
-    return PruneResult(widths=cfg, keep=keep_indices(scores, cfg), cost_fraction=cost.fraction(cfg),
+    return PruneResult(widths=cfg, keep=keep_indices(scores, cfg, space), cost_fraction=cost.fraction(cfg),
                        objective=cost.name, target=target, method=method, info={"criterion": crit})

@@ -5,6 +5,17 @@ depthwise convolution and the convolution feeding it) form one :class:`ChannelGr
 found with Torch-Pruning's dependency graph. A group's id is a stable, readable name: the
 first module (in ``named_modules`` order) whose output channels belong to it.
 
+Grouped convolutions (``1 < groups < channels``, ResNeXt, RegNet) keep their number of
+conv groups and are pruned *narrower*: a channel group that feeds one or comes out of one
+keeps the same channels in every conv group, so its width is a multiple of ``groups``
+(:attr:`ChannelGroup.step`, "step 32") and its channels are kept or removed in *units*
+of ``step`` channels, one at the same position in each conv group
+(:meth:`ChannelGroup.units`). That is also the only pruning Torch-Pruning's surgery does
+right: it slices a grouped convolution's input weights by the positions kept in the first
+conv group. Depthwise convolutions (``groups == channels``) are coupled with their producer
+instead and take any width. Channel groups that cross a ShuffleNetV2 channel shuffle stay
+whole (the shuffle interleaves the two branches, which Torch-Pruning cannot follow).
+
 A :class:`WidthConfig` gives every group a channel count; :meth:`PruningSpace.apply`
 turns it into a physically smaller ``nn.Module`` by Torch-Pruning's surgery.
 """
@@ -19,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -31,13 +43,65 @@ class ChannelGroup:
     id: str
     channels: int
     modules: tuple[str, ...]  # modules whose output channels this group prunes
-    kind: str  # "conv" | "residual" | "depthwise" | "linear"
+    kind: str  # "conv" | "residual" | "depthwise" | "grouped" | "linear"
     consumers: tuple[str, ...] = ()  # conv/linear modules whose input channels it prunes
     norms: tuple[str, ...] = ()  # normalisation layers whose channels it prunes
+    step: int = 1  # widths must be multiples of this: the conv groups of the grouped convolutions it touches
+    constraint: str = ""  # why ``step`` > 1: "grouped convolution layer1.0.conv2, groups=32"
 
     def __str__(self) -> str:
         more = f" (+{len(self.modules) - 1} coupled)" if len(self.modules) > 1 else ""
-        return f"{self.id}: {self.channels} channels, {self.kind}{more}"
+        return f"{self.id}: {self.channels} channels, {self.kind}{more}{self.constraint_text()}"
+
+    def constraint_text(self) -> str:
+        """``", step 32 (grouped convolution layer1.0.conv2, groups=32)"``, or ``""`` for a free group."""
+        return f", step {self.step} ({self.constraint})" if self.step > 1 else ""
+
+    def valid_widths(self) -> list[int]:
+        return list(range(self.step, self.channels + 1, self.step))
+
+    def round_width(self, width: float, mode: str = "nearest") -> int:
+        """The valid width nearest to ``width`` (``mode`` "down"/"up": at most/at least it, where one exists)."""
+        q = float(width) / self.step
+        k = math.floor(q) if mode == "down" else math.ceil(q) if mode == "up" else math.floor(q + 0.5)
+        return int(min(self.channels, max(1, k) * self.step))
+
+    def check_width(self, width: int) -> None:
+        """Raise a one-line error when ``width`` is not a valid width of this group."""
+        if width < 1 or width > self.channels:
+            raise HwpruneError(f"width of group '{self.id}' must be between 1 and {self.channels}, got {width}")
+        if width % self.step:
+            raise HwpruneError(f"{self.id} group: width {width} is not a multiple of {self.step} ({self.constraint})")
+
+    def units(self) -> np.ndarray:
+        """[channels // step, step] channel indices kept or removed together: row ``p`` holds
+        position ``p`` of every conv group (row ``p`` is ``[p]`` when ``step`` is 1)."""
+        per = self.channels // self.step
+        return np.arange(per)[:, None] + per * np.arange(self.step)[None, :]
+
+    def keep_units(self, n_units: int) -> list[int]:
+        """The first ``n_units`` positions of every conv group (the default surviving channels)."""
+        return sorted(int(i) for i in self.units()[:n_units].ravel())
+
+    def keep_top(self, scores: Sequence[float], width: int) -> list[int]:
+        """The ``width`` channels of the best-scoring units (a unit scores its channels' mean;
+        ties broken by position)."""
+        self.check_width(width)
+        return top_units(scores, self.units(), width // self.step)
+
+    def check_keep(self, kept: Sequence[int], width: int) -> list[int]:
+        """``kept`` sorted, after checking it is ``width`` distinct channels made of whole units."""
+        kept = sorted(int(i) for i in kept)
+        n = self.channels
+        if len(kept) != width or len(set(kept)) != width or kept[0] < 0 or kept[-1] >= n:
+            raise HwpruneError(f"keep indices of group '{self.id}' must be {width} distinct channels in [0, {n})")
+        if self.step > 1:
+            alive = np.zeros(n, dtype=bool)
+            alive[kept] = True
+            if not (alive[self.units()].all(axis=1) | ~alive[self.units()].any(axis=1)).all():
+                raise HwpruneError(f"keep indices of group '{self.id}' must keep the same positions in each of its "
+                                   f"{self.step} conv groups ({self.constraint})")
+        return kept
 
 
 @dataclass
@@ -76,6 +140,23 @@ class WidthConfig:
             raise HwpruneError(f"width file '{p}' is not valid JSON: {e.msg} at line {e.lineno}") from None
 
 
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def is_grouped(conv: nn.Conv2d) -> bool:
+    """A grouped convolution proper: more than one conv group, and not depthwise."""
+    return conv.groups > 1 and not is_depthwise(conv)
+
+
+def top_units(scores: Sequence[float], units: np.ndarray, n: int) -> list[int]:
+    """Sorted channel indices of the ``n`` rows of ``units`` whose channels score highest on
+    average (ties broken by row)."""
+    s = np.asarray(scores, dtype=np.float64)[units].mean(axis=1)
+    order = np.lexsort((np.arange(len(s)), -s))
+    return sorted(int(i) for i in units[order[:n]].ravel())
+
+
 def _classifier(module: nn.Module) -> list[nn.Module]:
     lin = [m for m in module.modules() if isinstance(m, nn.Linear)]
     return lin[-1:] if lin else []
@@ -104,11 +185,14 @@ class PruningSpace:
 
     # -- groups --------------------------------------------------------------------
     def _dependency_graph(self, model: nn.Module):
+        from .models import tp_customized_pruners
+
         x = torch.randn(self.input_shape)
         try:
             with torch.enable_grad():
-                dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
-        except Exception as e:  # a graph Torch-Pruning cannot follow (e.g. shufflenet's channel shuffle)
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=x,
+                                                           customized_pruners=tp_customized_pruners())
+        except Exception as e:  # a graph Torch-Pruning cannot follow (e.g. an unwrapped channel shuffle)
             raise HwpruneError(f"Torch-Pruning cannot trace the channel dependencies of '{self.name}' "
                                f"({type(e).__name__}: {e})", "this model family is not supported yet") from None
         mods = dict(model.named_modules())
@@ -116,11 +200,17 @@ class PruningSpace:
         return dg, ignored
 
     def _raw_groups(self, model: nn.Module):
+        """(output, input, norm) module names of every prunable Torch-Pruning group; groups
+        that reach a module whose channels must stay whole (a channel shuffle) are left out."""
+        from .models import FIXED_CHANNEL_TYPES
+
         dg, ignored = self._dependency_graph(model)
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         names = {m: n for n, m in model.named_modules()}
         out = []
         for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+            if any(isinstance(item.dep.target.module, FIXED_CHANNEL_TYPES) for item in g):
+                continue
             outs, ins, norms = [], [], []
             for item in g:
                 m = item.dep.target.module
@@ -141,24 +231,40 @@ class PruningSpace:
             out.append((outs, ins, norms))
         return out
 
+    @staticmethod
+    def _step(channels: int, outs: list[str], ins: list[str], mods: Mapping[str, nn.Module]) -> tuple[int, str]:
+        """The width step a group's grouped convolutions impose on it, and why."""
+        step, why = 1, []
+        for n in outs + ins:
+            m = mods[n]
+            if not (isinstance(m, nn.Conv2d) and is_grouped(m)):
+                continue
+            if (m.out_channels if n in outs else m.in_channels) != channels:  # reached through a concat or split
+                return channels, f"grouped convolution {n} reached through a concatenation or split"
+            step = math.lcm(step, m.groups)
+            why.append(f"grouped convolution {n}, groups={m.groups}")
+        return step, "; ".join(dict.fromkeys(why))
+
     def _find_groups(self, model: nn.Module) -> list[ChannelGroup]:
         mods = dict(model.named_modules())
         groups = []
         for outs, ins, norms in self._raw_groups(model):
             root = mods[outs[0]]
-            channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
-            dw = [n for n in outs if isinstance(mods[n], nn.Conv2d) and mods[n].groups > 1]
-            convs = [n for n in outs if n not in dw]
-            if dw:
+            channels = int(root.out_channels if isinstance(root, nn.Conv2d) else root.out_features)
+            convs = [n for n in outs if isinstance(mods[n], nn.Conv2d)]
+            if any(is_depthwise(mods[n]) for n in convs):
                 kind = "depthwise"
+            elif any(is_grouped(mods[n]) for n in convs):
+                kind = "grouped"
             elif isinstance(root, nn.Linear):
                 kind = "linear"
             elif len(convs) > 1:
                 kind = "residual"
             else:
                 kind = "conv"
-            groups.append(ChannelGroup(id=outs[0], channels=int(channels), modules=tuple(outs), kind=kind,
-                                       consumers=tuple(ins), norms=tuple(norms)))
+            step, why = self._step(channels, outs, ins, mods)
+            groups.append(ChannelGroup(id=outs[0], channels=channels, modules=tuple(outs), kind=kind,
+                                       consumers=tuple(ins), norms=tuple(norms), step=step, constraint=why))
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         groups.sort(key=lambda gr: order[gr.id])
         return groups
@@ -189,8 +295,20 @@ class PruningSpace:
             c = max(1, round(g.channels * fraction))
             if multiple > 1 and c >= multiple:
                 c = min(g.channels, int(round(c / multiple)) * multiple)
-            w[g.id] = c
+            w[g.id] = g.round_width(c)
         return WidthConfig(self.name, w)
+
+    def valid_widths(self, gid: str) -> list[int]:
+        """Every width group ``gid`` can take (multiples of its step up to its channels)."""
+        return self[gid].valid_widths()
+
+    def round_width(self, gid: str, width: float, mode: str = "nearest") -> int:
+        """``width`` moved to the nearest valid width of group ``gid`` (see :meth:`ChannelGroup.round_width`)."""
+        return self[gid].round_width(width, mode)
+
+    def channel_units(self, gid: str) -> np.ndarray:
+        """Channel indices of group ``gid`` that are kept or removed together, one row per unit."""
+        return self[gid].units()
 
     def validate(self, cfg: WidthConfig | Mapping[str, int], partial: bool = True) -> WidthConfig:
         """Check a configuration and fill missing groups with their full width."""
@@ -216,8 +334,7 @@ class PruningSpace:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
                 raise HwpruneError(f"width of group '{g.id}' must be an integer, got {v!r}")
             v = int(v)
-            if v < 1 or v > g.channels:
-                raise HwpruneError(f"width of group '{g.id}' must be between 1 and {g.channels}, got {v}")
+            g.check_width(v)
             out[g.id] = v
         return WidthConfig(self.name, out)
 
@@ -228,18 +345,19 @@ class PruningSpace:
         A global scale is drawn first and each group varies around it (so that small and
         large networks are both sampled, not only average ones); a width lands on a
         multiple of 8, 16 or 32 with probability ``p_step``, where latency staircases live.
+        Every width is a valid width of its group (a multiple of its step).
         """
         scale = rng.uniform(min_fraction, 1.0)
         correlated = rng.random() < 0.7
         w = {}
         for g in self.groups:
-            lo = max(1, math.ceil(min_fraction * g.channels))
+            lo = g.round_width(max(1, math.ceil(min_fraction * g.channels)), "up")
             f = min(1.0, max(min_fraction, scale * rng.uniform(0.75, 1.25))) if correlated else rng.uniform(min_fraction, 1.0)
-            c = min(g.channels, max(lo, round(f * g.channels)))
+            c = max(lo, g.round_width(min(g.channels, max(lo, round(f * g.channels)))))
             if rng.random() < p_step:
-                step = rng.choice(list(steps))
-                if g.channels >= step:
-                    cands = [m for m in range(step, g.channels + 1, step) if m >= lo]
+                hw = rng.choice(list(steps))
+                if g.channels >= hw:
+                    cands = [m for m in g.valid_widths() if m >= lo and m % hw == 0]
                     if cands:
                         c = min(cands, key=lambda m: abs(m - c))
             w[g.id] = int(c)
@@ -251,7 +369,9 @@ class PruningSpace:
         """A physically smaller copy of ``model`` (default: the space's model).
 
         ``keep`` optionally names, per group, the channel indices that survive (chosen by
-        an importance criterion); otherwise the first ``width`` channels are kept.
+        an importance criterion, whole units of a grouped group: :meth:`ChannelGroup.keep_top`);
+        otherwise the first ``width`` channels are kept (the first ``width / step`` of each
+        conv group of a grouped group).
         """
         cfg = self.validate(widths)
         model = model if model is not None else self.model
@@ -265,13 +385,9 @@ class PruningSpace:
         for gid, w in todo.items():
             root = mods[gid]
             fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
-            n = self._by_id[gid].channels
-            if keep is not None and gid in keep:
-                kept = sorted(int(i) for i in keep[gid])
-                if len(kept) != w or len(set(kept)) != w or kept[0] < 0 or kept[-1] >= n:
-                    raise HwpruneError(f"keep indices of group '{gid}' must be {w} distinct channels in [0, {n})")
-            else:
-                kept = list(range(w))
+            g = self._by_id[gid]
+            n = g.channels
+            kept = g.check_keep(keep[gid], w) if keep is not None and gid in keep else g.keep_units(w // g.step)
             kept_set = set(kept)
             idxs = [i for i in range(n) if i not in kept_set]
             group = dg.get_pruning_group(root, fn, idxs=idxs)

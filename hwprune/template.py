@@ -14,21 +14,34 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import HwpruneError
-from .space import PruningSpace, WidthConfig
+from .space import PruningSpace, WidthConfig, is_depthwise
 
 
-def unblocked(depthwise, cin):
+#: Channels of ONNX Runtime's NCHWc block on AVX-512 hosts (8 on AVX2 ones).
+NCHWC_BLOCK = 16
+
+
+def unblocked(depthwise, cin, groups=1, cout=None):
     """Whether a convolution falls back from the blocked (NCHWc) kernels to plain NCHW.
 
     ONNX Runtime's x86 CPU provider runs a convolution with 16 or more input channels that
     are not a multiple of 4, and a depthwise one whose channels are not a multiple of 4, in
     NCHW (im2col + GEMM, or the plain depthwise kernel) with reorders around it (read from
-    the tables' ``layout`` column). Other backends simply find the features built on this
-    uninformative.
+    the tables' ``layout`` column). A grouped convolution (``groups`` > 1, not depthwise)
+    runs blocked only when its input and its output (``cout``, default ``cin``) channels
+    per conv group are multiples of :data:`NCHWC_BLOCK` (read from the optimised graphs of
+    an AVX-512 host). Other backends simply find the features built on this uninformative.
     """
     cin = np.asarray(cin)
-    return (cin % 4 != 0) & (np.asarray(depthwise, dtype=bool) | (cin >= 16))
+    dw = np.asarray(depthwise, dtype=bool)
+    dense = (cin % 4 != 0) & (dw | (cin >= 16))
+    groups = np.asarray(groups)
+    if not (groups > 1).any():
+        return dense
+    cout = cin if cout is None else np.asarray(cout)
+    g = np.maximum(groups, 1)
+    grouped = ((cin // g) % NCHWC_BLOCK != 0) | ((cout // g) % NCHWC_BLOCK != 0)
+    return np.where((groups > 1) & ~dw, grouped, dense)
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class LayerSlot:
     out_group: int
     out_fixed: int
     bias: bool = False
+    groups: int = 1  # conv groups of a grouped convolution (pruning keeps them); 1 otherwise, depthwise included
 
 
 class ModelTemplate:
@@ -79,15 +93,12 @@ class ModelTemplate:
                 continue
             x = shapes[name]
             if isinstance(m, nn.Conv2d):
-                dw = m.groups > 1 and m.groups == m.in_channels
-                if m.groups > 1 and not dw:
-                    raise HwpruneError(f"layer '{name}' is a grouped convolution (groups={m.groups}), "
-                                       "which the predictor does not model yet")
+                dw = is_depthwise(m)
                 og = out_of.get(name, -1)
                 ig = og if dw else in_of.get(name, -1)
                 slots.append(LayerSlot(name, "dwconv" if dw else "conv", m.kernel_size[0], m.kernel_size[1],
                                        m.stride[0], int(x[2]), int(x[3]), ig, m.in_channels, og, m.out_channels,
-                                       m.bias is not None))
+                                       m.bias is not None, 1 if dw else m.groups))
             elif len(x) == 2:
                 slots.append(LayerSlot(name, "linear", 1, 1, 1, 1, 1, in_of.get(name, -1), m.in_features,
                                        out_of.get(name, -1), m.out_features, m.bias is not None))
@@ -114,6 +125,7 @@ class ModelTemplate:
                                         and i != j] for j, s in enumerate(slots)]
         self._dw = np.array([s.kind == "dwconv" for s in slots])
         self._conv = np.array([s.kind != "linear" for s in slots])
+        self._groups = np.array([s.groups for s in slots], dtype=np.int64)
 
     def width_matrix(self, configs: Sequence[WidthConfig | Mapping[str, int]]) -> np.ndarray:
         """Validated widths as an [N, groups] integer matrix."""
@@ -128,15 +140,18 @@ class ModelTemplate:
                 out[:, j] = cin[:, prods[0]]
         return out
 
-    def unblocked(self, cin: np.ndarray) -> np.ndarray:
-        """[N, layers] booleans: the layer falls back from the blocked kernels (:func:`unblocked`)."""
-        return self._conv & unblocked(self._dw, np.atleast_2d(cin))
+    def unblocked(self, cin: np.ndarray, cout: np.ndarray | None = None) -> np.ndarray:
+        """[N, layers] booleans: the layer falls back from the blocked kernels (:func:`unblocked`;
+        grouped convolutions are judged on ``cin`` alone without ``cout``)."""
+        cin = np.atleast_2d(cin)
+        return self._conv & unblocked(self._dw, cin, self._groups, None if cout is None else np.atleast_2d(cout))
 
-    def layout_context(self, cin: np.ndarray, cols: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def layout_context(self, cin: np.ndarray, cols: Sequence[int] | None = None,
+                       cout: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per layer (all, or ``cols``), how many of its input's producers and of its output's
         other writers run unblocked ([N, layers] each). A single unblocked writer keeps a whole
         residual stream in NCHW: every layer on it then pays reorders and an unfused Add."""
-        nb = self.unblocked(cin).astype(np.int64)
+        nb = self.unblocked(cin, cout).astype(np.int64)
         cols = range(len(self.slots)) if cols is None else cols
         prod = np.zeros((nb.shape[0], len(cols)), dtype=np.int64)
         peer = np.zeros_like(prod)
@@ -148,22 +163,25 @@ class ModelTemplate:
         return prod, peer
 
     def features(self, kind: str, cols: list[int], batch: int, cin: np.ndarray, cout: np.ndarray) -> np.ndarray:
-        """Predictor features of slots ``cols`` for every configuration (rows: config-major)."""
+        """Predictor features of slots ``cols`` for every configuration (rows: config-major).
+
+        Grouped convolutions among them pass their conv groups as ``groups``."""
         from .predict import layer_features
 
         cin, cout = np.atleast_2d(cin), np.atleast_2d(cout)
         n = cin.shape[0]
         sl = [self.slots[j] for j in cols]
         pcin = self.producer_channels(cin)
-        prod, peer = self.layout_context(cin, cols)
+        prod, peer = self.layout_context(cin, cols, cout)
 
         def rep(a):
             return np.tile(np.asarray(a), n)
 
+        grouped = {"groups": rep([s.groups for s in sl])} if any(s.groups > 1 for s in sl) else {}
         return layer_features(kind, batch, cin[:, cols].ravel(), cout[:, cols].ravel(), rep([s.kh for s in sl]),
                               rep([s.kw for s in sl]), rep([s.stride for s in sl]), rep([s.h for s in sl]),
                               rep([s.w for s in sl]), pcin[:, cols].ravel(), rep([self.residual[j] for j in cols]),
-                              prod.ravel(), peer.ravel())
+                              prod.ravel(), peer.ravel(), **grouped)
 
     def channels(self, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Input and output channels of every slot: two [N, layers] matrices."""
@@ -183,13 +201,19 @@ class ModelTemplate:
         return oh, ow
 
     # -- costs ----------------------------------------------------------------------------
+    @staticmethod
+    def _weights(s: LayerSlot, cin: np.ndarray, cout: np.ndarray) -> np.ndarray:
+        """Weights of slot ``s`` (each output channel sees ``cin / groups`` inputs; one, depthwise)."""
+        if s.kind == "dwconv":
+            return cout * s.kh * s.kw
+        return cout * cin * s.kh * s.kw // s.groups
+
     def params(self, W: np.ndarray) -> np.ndarray:
         """Parameters of conv, linear and normalisation layers per configuration (plus fixed ones)."""
         cin, cout = self.channels(W)
         per = np.zeros(cin.shape, dtype=np.int64)
         for j, s in enumerate(self.slots):
-            cin_g = 1 if s.kind == "dwconv" else cin[:, j]
-            per[:, j] = cout[:, j] * cin_g * s.kh * s.kw + (cout[:, j] if s.bias else 0)
+            per[:, j] = self._weights(s, cin[:, j], cout[:, j]) + (cout[:, j] if s.bias else 0)
         return per.sum(axis=1) + W @ self.norm_params + getattr(self, "fixed_params", 0)
 
     def macs(self, W: np.ndarray) -> np.ndarray:
@@ -198,8 +222,7 @@ class ModelTemplate:
         oh, ow = self.out_hw()
         per = np.zeros(cin.shape, dtype=np.int64)
         for j, s in enumerate(self.slots):
-            cin_g = 1 if s.kind == "dwconv" else cin[:, j]
-            per[:, j] = cout[:, j] * cin_g * s.kh * s.kw * oh[j] * ow[j]
+            per[:, j] = self._weights(s, cin[:, j], cout[:, j]) * oh[j] * ow[j]
         return per.sum(axis=1)
 
     def activations(self, W: np.ndarray) -> np.ndarray:

@@ -147,7 +147,7 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
                            "validate on the device the table describes")
     pred = predictor or LatencyPredictor().fit(table)
     for m in models:
-        pred._check(m)
+        pred.check_model(m)
     backend = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu",
                              measure=measure or MeasureConfig.profile())
     batch = int(s.get("batch") or 1)
@@ -241,7 +241,7 @@ def repredict(table: LatencyTable, measured: Mapping, predictor: LatencyPredicto
     models = list(dict.fromkeys(x["model"] for x in rows))
     spaces = {m: PruningSpace.from_name(m, input_size=table.settings.get("input_size")) for m in models}
     for m in models:
-        pred._check(m)
+        pred.check_model(m)
     unpruned = {m: float(pred.predict(m, [spaces[m].full()])[0]) for m in models}
     out = []
     for x in rows:

@@ -9,7 +9,7 @@ import pytest
 import torch.nn as nn
 from onnx import TensorProto, helper
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 from hwprune.bench import BenchModel, bench, speedups
 from hwprune.errors import HwpruneError
 from hwprune.measure import MeasureConfig
@@ -128,9 +128,9 @@ def test_cli_bench_json(tmp_path):
     d = json.loads(out.read_text())
     assert d["results"][0]["model"] == "cifar_resnet20" and d["results"][0]["latency_ms"]["median"] > 0
     assert d["results"][0]["latency_ms"]["fastest_round"] > 0
-    r = run_cli("bench", "--model", "cifar_resnet20", "--quick", "--min-time", "0.1")
+    r = run_cli_here("bench", "--model", "cifar_resnet20", "--quick", "--min-time", "0.1")
     assert r.returncode == 2 and "not both" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("bench", "--onnx", str(tmp_path / "nope.onnx"))
+    r = run_cli_here("bench", "--onnx", str(tmp_path / "nope.onnx"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 

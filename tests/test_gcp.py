@@ -1,9 +1,11 @@
 """GCP on a tiny model and tiny synthetic data."""
 
 import numpy as np
+import pytest
 import torch
+import torch.nn as nn
 
-from hwprune.cost import FlopsCost, ParamsCost
+from hwprune.cost import FlopsCost, ParamsCost, _Base
 from hwprune.gcp import GCPConfig, _Masks, _phase, _trainables, gcp
 from hwprune.space import PruningSpace
 
@@ -11,6 +13,42 @@ from hwprune.space import PruningSpace
 def make_space():
     torch.manual_seed(0)
     return PruningSpace.from_name("cifar_resnet20", input_size=16)
+
+
+class TinyGrouped(nn.Module):
+    """A stem, then a residual block around a grouped 3x3 convolution (4 conv groups), and a
+    classifier: the groups feeding and leaving the grouped convolution have step 4."""
+
+    def __init__(self):
+        super().__init__()
+
+        def cbr(cin, cout, k=1, groups=1, relu=True):
+            layers = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+            return nn.Sequential(*layers, *([nn.ReLU()] if relu else []))
+
+        self.stem = cbr(3, 16, 3)
+        self.a, self.b, self.c = cbr(16, 24), cbr(24, 24, 3, groups=4), cbr(24, 16, relu=False)
+        self.fc = nn.Linear(16, 10)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):  # distinct BN scales, so that units rank differently
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.c(self.b(self.a(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def grouped_space():
+    torch.manual_seed(0)
+    return PruningSpace(TinyGrouped(), (1, 3, 16, 16), name="tiny_grouped")
+
+
+def assert_whole_units(space, widths, keep):
+    """Every width is a multiple of its group's step, and ``keep`` is made of whole units."""
+    for g in space.groups:
+        assert widths.widths[g.id] % g.step == 0, (g.id, widths.widths[g.id], g.step)
+        g.check_keep(keep[g.id], widths.widths[g.id])
 
 
 def make_batches(n=4, bs=16, seed=0):
@@ -23,7 +61,16 @@ def make_batches(n=4, bs=16, seed=0):
     return lambda: iter(data)
 
 
-FAST = dict(steps=2, lam=1e-3, lr=1e-2, iters_per_phase=2)
+FAST = dict(steps=2, lr=1e-2, lam_factors=(0.3,), iters_per_phase=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy two-core host, two threads mostly wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_gcp_reaches_the_requested_cost_fraction():
@@ -77,17 +124,19 @@ def test_proximal_step_zeroes_costly_channels_first():
     masks.remove()
 
 
-def test_masks_fold_exactly_into_the_pruned_model():
-    space = make_space()
+@pytest.mark.parametrize("make", [make_space, grouped_space])
+def test_masks_fold_exactly_into_the_pruned_model(make):
+    space = make()
     model = space.model.eval()
     masks = _Masks(model, space)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for gid, m in masks.params.items():
             m.copy_(torch.rand(m.shape, generator=g) + 0.5)
-            dead = torch.rand(m.shape, generator=g) < 0.3
+            units = torch.as_tensor(space.channel_units(gid))
+            dead = torch.rand(len(units), generator=g) < 0.3  # whole units: one channel unless grouped
             dead[0] = False
-            masks.alive[gid] &= ~dead
+            masks.alive[gid][units[dead].ravel()] = False
             m.mul_(masks.alive[gid])
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -135,11 +184,14 @@ def test_gcp_lambda_prunes_differently_from_gcp_f():
 
 def test_lambda_and_lr_are_chosen_on_the_holdout_loss():
     space = make_space()
-    cfg = GCPConfig(target=0.6, steps=1, iters_per_phase=2, lam_grid=(1e-4, 1e-2), lr_grid=(1e-2,), search_iters=2)
+    cfg = GCPConfig(target=0.6, steps=2, iters_per_phase=4, lam_factors=(0.1, 1.0), lr_grid=(1e-2,), search_iters=2)
     _, res = gcp(space.model, space, ParamsCost(space), make_batches(), make_batches(seed=1), cfg)
     assert len(res.search) == 2
+    assert all(len(s["zeroed_share"]) == 2 for s in res.search)  # each candidate ran the whole T-round schedule
+    assert [s["lambda_factor"] for s in res.search] == pytest.approx([0.1, 1.0])
     best = min(res.search, key=lambda s: s["holdout_loss"])
     assert (res.lam, res.lr) == (best["lambda"], best["lr"])
+    assert res.lam_factor == pytest.approx(best["lambda_factor"])
 
 
 def test_target_is_corrected_until_met_on_the_device():
@@ -199,9 +251,7 @@ def test_channel_costs_survive_a_staircase_where_one_channel_costs_time():
     cost = Staircase(space)
     cost.template = FlopsCost(space).template
     assert all(v < 0 for v in cost.marginal(space.full(), 1).values())  # one channel less is slower
-    masks = _Masks(space.model, space)
-    costs = _channel_costs(space, cost, masks)
-    masks.remove()
+    costs = _channel_costs(space, cost, space.full())
     vals = np.array(list(costs.values()))
     assert np.all(np.isfinite(vals)) and np.all(vals > 0) and abs(vals.mean() - 1) < 1e-9
     assert vals.max() < 100  # not the 1e12 that zeroed every mask
@@ -271,3 +321,162 @@ def test_restoring_gives_back_the_most_bn_scale_per_unit_cost():
     gained = {gid: (restored.widths[gid] - widths.widths[gid]) / (full[gid] - widths.widths[gid]) for gid in full}
     assert cost.fraction(restored) > start and log[-1]["ratio"] <= start * 0.8
     assert gained[cheap] == 1.0 and gained[dear] == 0.0
+
+
+def test_default_lambda_makes_the_proximal_step_zero_masks():
+    space = make_space()
+    _, res = gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+                 GCPConfig(target=0.5, lr=1e-2, steps=2, iters_per_phase=2))
+    assert [s["lambda_factor"] for s in res.search] == pytest.approx([0.1, 0.3, 1.0])
+    shares = [h["zeroed_share"] for h in res.history]
+    assert max(shares) > 0.05, shares
+    live = sum(g.channels for g in space.groups)
+    for h in res.history:  # the per-group counts add up to the share of the round's live channels
+        assert all(n > 0 for n in h["zeroed"].values())
+        assert sum(h["zeroed"].values()) == round(h["zeroed_share"] * live)
+        live = sum(h["widths"].values())
+
+
+class Weighted(_Base):
+    """A cost linear in the group widths, one weight per channel of each group (1 unless given)."""
+
+    name = "weighted"
+
+    def __init__(self, space, weights):
+        super().__init__(space)
+        self.w = np.array([weights.get(g.id, 1.0) for g in space.groups], dtype=float)
+
+    def total(self, configs):
+        return self._matrix(configs).astype(float) @ self.w
+
+
+def test_costs_decide_which_channels_go():
+    """One layer is expensive under one objective and cheap under the other: the objective under
+    which it is expensive prunes it to the floor, the other keeps it."""
+    space = make_space()
+    x = "layer2.1.conv1"
+    kept = {}
+    for name, w in (("dear", 20.0), ("cheap", 0.05)):
+        _, r = gcp(space.model, space, Weighted(space, {x: w}), make_batches(), make_batches(seed=1),
+                   GCPConfig(target=0.6, **FAST))
+        assert r.cost_fraction <= 0.6 + 1e-9
+        kept[name] = r.widths.widths[x] / space[x].channels
+    assert kept["dear"] < 0.5 and kept["cheap"] > 0.9, kept
+
+
+def test_coupled_and_single_groups_are_scored_on_one_scale():
+    space = make_space()
+    assert len(space["conv1"].norms) == 4 and len(space["layer1.0.conv1"].norms) == 1
+    mods = dict(space.model.named_modules())
+    gamma = torch.linspace(0.2, 1.0, 16)
+    with torch.no_grad():
+        for gid in ("conv1", "layer1.0.conv1"):  # a residual stream and an inner convolution, 16 channels each
+            for n in space[gid].norms:
+                mods[n].weight.copy_(gamma)
+    masks = _Masks(space.model, space)
+    scores = masks.scores()
+    masks.remove()
+    np.testing.assert_allclose(scores["conv1"], scores["layer1.0.conv1"], rtol=1e-6)
+    assert scores["conv1"].mean() == pytest.approx(1.0)
+
+
+def test_bn_scales_are_refreshed_after_every_recovery(monkeypatch):
+    import hwprune.gcp as G
+
+    space = make_space()
+    x, new = "layer2.1.conv1", torch.linspace(2.0, 0.1, 32)
+    real_phase, real_prune, seen = G._phase, G._prune_to, []
+
+    def phase(model, masks, *args, train_stats=False, **kw):
+        loss = real_phase(model, masks, *args, train_stats=train_stats, **kw)
+        if train_stats:  # the recover step moved gamma
+            with torch.no_grad():
+                model.layer2[1].bn1.weight.copy_(new)
+        return loss
+
+    def prune_to(space, cost, masks, *args, **kw):
+        seen.append((masks.gscale[x].clone(), masks.alive[x].clone()))
+        return real_prune(space, cost, masks, *args, **kw)
+
+    monkeypatch.setattr(G, "_phase", phase)
+    monkeypatch.setattr(G, "_prune_to", prune_to)
+    _, res = gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+                 GCPConfig(target=0.6, recover="paper", **FAST))
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0][0], torch.ones(32))  # the model's gamma before any recovery
+    scale, alive = seen[1]
+    torch.testing.assert_close(scale, new / new[alive].mean())  # round 2 ranks by the recovered gamma
+
+
+def test_gcp_prunes_a_grouped_convolution_in_whole_units():
+    space = grouped_space()
+    assert {g.id: g.step for g in space.groups} == {"stem.0": 1, "a.0": 4, "b.0": 4}
+    pruned, res = gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+                      GCPConfig(target=0.5, **FAST))
+    assert res.cost_fraction <= 0.5 + 1e-9
+    assert_whole_units(space, res.widths, res.keep)
+    assert res.widths.widths["a.0"] < 24 or res.widths.widths["b.0"] < 24  # the grouped block was pruned
+    assert all(res.widths.widths[g.id] >= 8 for g in space.groups if g.step == 4)  # min_keep 0.2, rounded up
+    for h in res.history:
+        assert all(h["widths"][g.id] % g.step == 0 for g in space.groups)
+    assert space.widths_of(pruned).widths == res.widths.widths
+    assert pruned.b[0].groups == 4
+    assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def scripted(cost, factor, seen):
+    """A device on which pruned models run ``factor`` times their predicted cost fraction of 10 ms."""
+    def measure(widths, keep):
+        seen.append((widths, keep))
+        return 10.0 * cost.fraction(widths) * factor
+    return measure
+
+
+def random_scores(space, seed=0):
+    rng = np.random.default_rng(seed)
+    return {g.id: rng.random(g.channels) for g in space.groups}
+
+
+def test_device_correction_moves_whole_units_of_a_grouped_space():
+    from hwprune.gcp import correct_to_measured
+    from hwprune.importance import keep_indices
+
+    space = grouped_space()
+    cost = FlopsCost(space)
+    scores = random_scores(space)
+    widths = space.uniform(0.5)
+    keep = keep_indices(scores, widths, space)  # any method's result: here, the best-scored units
+    start = cost.fraction(widths)
+    for factor, more in ((1.6, False), (0.6, True)):  # slower, then faster than predicted
+        seen = []
+        out, kept, log = correct_to_measured(space, cost, widths, keep, scores, None, scripted(cost, factor, seen),
+                                             10.0, target=start, tol=0.05)
+        assert len(seen) == len(log) > 1 and log[-1]["ratio"] <= start
+        for w, k in seen + [(out, kept)]:
+            assert_whole_units(space, w, k)
+            assert all(w.widths[g.id] >= 8 for g in space.groups if g.step == 4)
+        assert (cost.fraction(out) > start) == more
+        assert any(out.widths[g.id] != widths.widths[g.id] for g in space.groups if g.step == 4)  # moved by units
+
+
+def test_device_correction_without_prior_ranks_by_the_scores():
+    from hwprune.gcp import correct_to_measured
+
+    space = make_space()
+    cost = FlopsCost(space)
+    scores = random_scores(space, seed=1)
+    widths = space.uniform(0.5)
+    keep = {g.id: list(range(widths.widths[g.id])) for g in space.groups}  # not the best-scored channels
+    start = cost.fraction(widths)
+    runs = [correct_to_measured(space, cost, widths, keep, scores, prior, scripted(cost, 0.7, []), 10.0,
+                                target=start, tol=0.03) for prior in (None, scores)]
+    assert runs[0] == runs[1]
+    out, kept, log = runs[0]
+    assert cost.fraction(out) > start and log[-1]["ratio"] <= start
+    gained = 0
+    for g in space.groups:  # within a group, the removed channels come back in order of their scores
+        back, still = set(kept[g.id]) - set(keep[g.id]), set(range(g.channels)) - set(kept[g.id])
+        s = scores[g.id]
+        assert not back or not still or min(s[list(back)]) >= max(s[list(still)]), g.id
+        gained += len(back)
+    assert gained

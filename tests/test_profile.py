@@ -1,6 +1,7 @@
 """The profiler on real ONNX Runtime measurements of tiny models."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import run_cli
+from conftest import measured, run_cli, run_cli_here, script_e2e, scripted_ort
 from hwprune.backends import ModelArtifact, create_backend
 from hwprune.errors import BackendUnavailable, TableError, TableMismatch
 from hwprune.export import export_onnx
@@ -97,32 +98,55 @@ def test_profile_writes_a_complete_table_with_metadata(tmp_path, quick):
     # every width configuration is stored with its e2e row
     widths = [json.loads(w) for w in t.e2e["widths"]]
     assert all(len(w) == 12 for w in widths)
-    # what the profiler adds to each node, measured with the table: about 1 us on x86 CPUs
-    assert t.meta.node_overhead_ms is not None and 1e-4 < t.meta.node_overhead_ms < 0.02
+    # what the profiler adds to each node, measured with the table: a small non-negative time
+    assert t.meta.node_overhead_ms is not None and 0 <= t.meta.node_overhead_ms < 0.05
 
 
-def test_profiler_overhead_is_reported_minus_real_time_per_node(tmp_path, ort):
-    """Chains of tiny nodes: the profiler reports more per node than the node adds end to end."""
-    from hwprune.device.ort_runner import node_overhead_ms, profile_model, time_model
-    from hwprune.units import chain_onnx
+def test_profiler_overhead_is_reported_minus_real_time_per_node(monkeypatch):
+    """Scripted chains: 220 nodes run in 0.9 ms end to end and 20 in 0.1 ms, 4 us per added node;
+    the profiler reports 5 us per node. What it adds is the 1 us per node between the two, and
+    never less than nothing."""
+    import hwprune.device.ort_runner as orr
+    from hwprune.device.ort_runner import NodeRecord
+    from hwprune.measure import Stats
 
-    short, long = chain_onnx(tmp_path / "a.onnx", 10), chain_onnx(tmp_path / "b.onnx", 110)
-    assert len(profile_model(long, ort.ort, ort.measure_cfg)) == 110  # nothing fused away
-    real = (time_model(long, ort.ort, ort.measure_cfg).median_ms
-            - time_model(short, ort.ort, ort.measure_cfg).median_ms) / 100
-    ov = node_overhead_ms(short, long, 10, 110, ort.ort, ort.measure_cfg)
-    assert 1e-4 < ov < 0.02 and ov > 0.2 * real  # a real share of a node this small
+    end_to_end = {"short": 0.1, "long": 0.9}
+    reported = {"short": 20, "long": 220}  # nodes, 5 us each
+
+    def nodes(path, us):
+        return [NodeRecord(f"chain/{i}", "Neg", [], [], Stats.from_samples([us / 1000] * 3))
+                for i in range(reported[str(path)])]
+
+    monkeypatch.setattr(orr, "time_model", lambda path, s, cfg: measured(end_to_end[str(path)]))
+    monkeypatch.setattr(orr, "profile_model", lambda path, s, cfg: nodes(path, 5.0))
+    ov = orr.node_overhead_ms("short", "long", 20, 220, orr.OrtSettings(), None)
+    assert ov == pytest.approx(0.001)
+    monkeypatch.setattr(orr, "profile_model", lambda path, s, cfg: nodes(path, 3.0))
+    assert orr.node_overhead_ms("short", "long", 20, 220, orr.OrtSettings(), None) == 0.0  # clipped
+
+
+def test_probe_chains_on_onnxruntime(tmp_path, ort):
+    """The real probe: every node of a chain is executed (nothing fused away), the longer chain runs
+    longer, and the overhead is a small non-negative time per node."""
+    from hwprune.device.ort_runner import profile_model, time_model
+    from hwprune.units import CHAIN_LENGTHS, chain_onnx
+
+    short, long = (chain_onnx(tmp_path / f"c{n}.onnx", n) for n in CHAIN_LENGTHS)
+    assert len(profile_model(long, ort.ort, ort.measure_cfg)) == CHAIN_LENGTHS[1]
+    assert time_model(long, ort.ort, ort.measure_cfg).median_ms > time_model(short, ort.ort, ort.measure_cfg).median_ms
+    ov = ort.node_overhead_ms(tmp_path)
+    assert math.isfinite(ov) and 0 <= ov < 0.05
 
 
 def test_resume_measures_the_overhead_an_older_table_lacks(tmp_path, quick):
     out = tmp_path / "old.parquet"
-    profile("cifar_resnet20", out, threads=1, configs=2, micro_per_config=0, measure=quick)
+    profile("cifar_resnet20", out, scripted_ort(measure=quick), configs=2, micro_per_config=0)
     old = LatencyTable.load(out)
     old.meta.node_overhead_ms = None  # as tables written before the probe
     old.save(out)
     args = ["profile", "--model", "cifar_resnet20", "--configs", "2", "--micro", "0", "--threads", "1", "--quick",
             "--out", str(out), "--resume"]
-    r = run_cli(*args)
+    r = run_cli_here(*args)
     assert r.returncode == 0, r.stderr
     new = LatencyTable.load(out)
     assert new.meta.node_overhead_ms is not None and new.rows.equals(old.rows)  # nothing re-measured
@@ -199,23 +223,23 @@ def test_resume_after_the_profiler_is_killed(tmp_path):
     partial = LatencyTable.load(out)  # loads: never half-written
     assert not partial.complete and 2 <= partial.meta.items_done < 6
     assert partial.meta.items_done == partial.e2e["item"].nunique()
-    again = run_cli(*args)
+    again = run_cli_here(*args)
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
-    r = run_cli(*args, "--resume", "--json")
+    r = run_cli_here(*args, "--resume", "--json")
     assert r.returncode == 0, r.stderr
     done = LatencyTable.load(out)
     assert done.complete and done.meta.items_done == 6
     assert done.e2e["item"].is_unique and len(done.e2e) == 6
     kept = partial.e2e.set_index("item")["median_ms"]
     assert (done.e2e.set_index("item").loc[kept.index, "median_ms"] == kept).all()  # nothing re-measured
-    bad = run_cli(*[a if a != "1" else "2" for a in args], "--resume")
+    bad = run_cli_here(*[a if a != "1" else "2" for a in args], "--resume")
     assert bad.returncode == 2 and "threads" in bad.stderr
 
 
 def test_max_minutes_leaves_a_usable_partial_table(tmp_path):
     out = tmp_path / "p.parquet"
-    r = run_cli("profile", "--model", "cifar_resnet20", "--configs", "50", "--micro", "0", "--threads", "1",
-                "--quick", "--max-minutes", "0.001", "--out", str(out))
+    r = run_cli_here("profile", "--model", "cifar_resnet20", "--configs", "50", "--micro", "0", "--threads", "1",
+                     "--quick", "--max-minutes", "0.001", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "partial table" in r.stderr
     t = LatencyTable.load(out)
@@ -237,7 +261,7 @@ def test_max_minutes_leaves_a_usable_partial_table(tmp_path):
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, expect):
     (tmp_path / "file.txt").write_text("not a table")
-    r = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    r = run_cli_here(*[a.format(tmp=tmp_path) for a in args])
     assert r.returncode == 2
     assert expect in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -278,7 +302,7 @@ BLOCK_IMPORTS = BLOCKER + "from hwprune.device import main\nmain(sys.argv[1:])\n
 
 def test_device_runner_without_torch(tmp_path):
     bundle = tmp_path / "bundle"
-    r = run_cli("bundle", "--model", "cifar_resnet20", "--configs", "2", "--micro", "1", "--out", str(bundle))
+    r = run_cli_here("bundle", "--model", "cifar_resnet20", "--configs", "2", "--micro", "1", "--out", str(bundle))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["measure"] = {"warmup_s": 0.02, "min_iters": 5, "min_time_s": 0.05, "retries": 0, "profile_max_iters": 10}
@@ -289,65 +313,59 @@ def test_device_runner_without_torch(tmp_path):
     assert json.loads(dev.stdout) == {"done": 4, "total": 4, "complete": True}
     blocked = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True)
     assert "blocked on this device" in blocked.stderr  # the guard really blocks torch
-    r = run_cli("import", str(bundle), "--out", str(tmp_path / "dev.parquet"), "--json")
+    r = run_cli_here("import", str(bundle), "--out", str(tmp_path / "dev.parquet"), "--json")
     assert r.returncode == 0, r.stderr
     t = LatencyTable.load(tmp_path / "dev.parquet")
     assert t.complete and len(t.e2e) == 2 and len(t.source("micro")) >= 1
     assert t.settings["threads"] == 1 and t.settings["backend"] == "onnxruntime"
     assert (t.source("insitu")["layer"] == "layer1.0.conv1").any()
-    assert 1e-4 < t.meta.node_overhead_ms < 0.02  # the device measured its profiler's overhead too
+    assert 0 <= t.meta.node_overhead_ms < 0.05  # the device measured its profiler's overhead too
 
 
-def _slow_reference_first(quick, factors):
-    """An ONNX Runtime backend whose first timings of the unpruned reference are scaled by ``factors``."""
+def _scripted_host(quick, references, config_ms=1.0):
+    """An ONNX Runtime backend whose end-to-end timings are scripted: the unpruned reference's
+    probes read ``references`` in turn (then 1.0 ms), every configuration ``config_ms``
+    (a number, or a callable of the artifact). The layers are still profiled for real."""
     be = create_backend("onnxruntime", threads=1, measure=quick)
-    real, slow = be.measure_e2e, iter(factors)
+    probes = iter(references)
 
-    def scripted(art):
-        m = real(art)
+    def timing(art):
         if art.name.endswith("/reference"):
-            m.stats.median *= next(slow, 1.0)
-        return m
+            return next(probes, 1.0)
+        return config_ms(art) if callable(config_ms) else config_ms
 
-    be.measure_e2e = scripted
-    return be
+    return script_e2e(be, timing)
 
 
 def test_the_unpruned_model_is_timed_in_three_sessions_and_the_median_kept(tmp_path, quick):
-    """The first end-to-end session of the unpruned model is scripted 2x slow (as the first
-    configuration of a run can be): the table keeps a normal one. Other configurations get one."""
-    be = create_backend("onnxruntime", threads=1, measure=quick)
-    real, calls = be.measure_e2e, []
+    """Sessions of the unpruned model read 2.4 (a slow first one), 2.2 and 2.25 ms: the table keeps
+    2.25 ms. Other configurations get one session."""
+    calls, full = [], iter([2.4, 2.2, 2.25])
 
-    def scripted(art):
-        m = real(art)
+    def config_ms(art):
         calls.append(art.name)
-        if calls.count(art.name) == 1 and art.name.endswith("/full"):
-            m.stats.median *= 2.0
-        m.stats.median = round(m.stats.median, 9)
-        seen.setdefault(art.name, []).append(m.stats.median)
-        return m
+        return next(full) if art.name.endswith("/full") else 1.0
 
-    seen: dict = {}
-    be.measure_e2e = scripted
+    be = _scripted_host(quick, [], config_ms)
     table = profile("cifar_resnet20", tmp_path / "r.parquet", be, input_size=16, configs=3, micro_per_config=0)
     assert [calls.count(f"cifar_resnet20/{c}") for c in ("full", "uniform75", "uniform50")] == [3, 1, 1]
     e2e = table.source("e2e").set_index("config")
-    full = sorted(seen["cifar_resnet20/full"])
-    assert e2e.loc["full", "median_ms"] == pytest.approx(full[1])  # the middle one: not the slow first
-    assert e2e.loc["full", "median_ms"] < seen["cifar_resnet20/full"][0]
+    assert e2e.loc["full", "median_ms"] == 2.25 and e2e.loc["full", "attempts"] == 3
+    assert (e2e.drop("full")["median_ms"] == 1.0).all()
 
 
 def test_gated_profile_remeasures_a_configuration_timed_while_the_host_was_slow(tmp_path, quick):
-    """The reference timing before the first configuration is scripted 3x slow (a neighbour held a core)."""
-    be = _slow_reference_first(quick, [3.0])
+    """The probe before the first configuration reads 3 ms, every later one 1 ms (a neighbour held a
+    core at first): the bracket of 'full' is 3x the fastest probe, so it is measured again."""
+    be = _scripted_host(quick, [3.0])
     table = profile("cifar_resnet20", tmp_path / "g.parquet", be, input_size=16, configs=3, micro_per_config=1,
                     gate=0.5)
     e2e = table.source("e2e").set_index("config")
-    assert e2e.loc["full", "state_attempts"] == 2  # slow bracket: measured again
-    assert e2e["state_ok"].all() and (e2e["state_ref_ms"] > 0).all()
+    assert e2e["state_attempts"].to_dict() == {"full": 2, "uniform75": 1, "uniform50": 1}
+    assert e2e["state_ok"].all() and (e2e["state_ref_ms"] == 1.0).all()
     assert (table.rows["state_attempts"].notna()).all()  # every row carries its state, micro rows too
-    assert len(table.source("micro")) > 0
+    micro = table.source("micro")
+    assert len(micro) > 0 and (micro["state_attempts"] == 1).all()
     reloaded = LatencyTable.load(tmp_path / "g.parquet")
     assert reloaded.source("e2e")["state_ok"].all()
     with pytest.raises(Exception, match="gate"):
@@ -355,18 +373,18 @@ def test_gated_profile_remeasures_a_configuration_timed_while_the_host_was_slow(
 
 
 def test_gated_profile_last_pass_remeasures_what_was_timed_before_the_host_sped_up(tmp_path, quick):
-    """Both reference timings around the first configuration are slow: it looks fine until a faster
-    state is seen, and the last pass measures it again."""
+    """Both probes around the first configuration read 3 ms: it looks fine until the 1 ms probes
+    of the next configuration, and the last pass measures it again."""
     from hwprune.profiler import ProfilePlan, Profiler
 
-    be = _slow_reference_first(quick, [3.0, 3.0])
+    be = _scripted_host(quick, [3.0, 3.0])
     plan = ProfilePlan(models=("cifar_resnet20",), input_size=16, configs=3, micro_per_config=1)
-    table = Profiler(be, plan, tmp_path / "r.parquet", gate=0.5, gate_attempts=1).run()
+    profiler = Profiler(be, plan, tmp_path / "r.parquet", gate=0.5, gate_attempts=1)
+    table = profiler.run()
     e2e = table.source("e2e").set_index("config")
     assert len(e2e) == 3 and e2e["state_ok"].all()
-    ref = e2e["state_ref_ms"]
-    assert ref["full"] < 2 * ref.drop("full").min()  # the slow bracket was replaced by a fresh measurement
-    assert len(table.source("micro")) >= 1
+    assert (e2e["state_ref_ms"] == 1.0).all()  # the slow bracket of 'full' was replaced by a fresh one
+    assert profiler.remeasure_s > 0 and len(table.source("micro")) >= 1
 
 
 def test_gate_budget_bounds_the_re_measurement_on_a_host_that_stays_slow(tmp_path, quick):
@@ -375,16 +393,19 @@ def test_gate_budget_bounds_the_re_measurement_on_a_host_that_stays_slow(tmp_pat
     from hwprune.profiler import ProfilePlan, Profiler
 
     plan = ProfilePlan(models=("cifar_resnet20",), input_size=16, configs=3, micro_per_config=0)
-    spent = Profiler(_slow_reference_first(quick, [3.0, 3.0]), plan, tmp_path / "b0.parquet", gate=0.5,
+    spent = Profiler(_scripted_host(quick, [3.0, 3.0]), plan, tmp_path / "b0.parquet", gate=0.5,
                      gate_budget_s=0.0)
     table = spent.run()
     e2e = table.source("e2e").set_index("config")
     assert len(e2e) == 3 and (e2e["state_attempts"] == 1).all()
     assert not e2e.loc["full", "state_ok"] and e2e.drop("full")["state_ok"].all()
+    assert e2e.loc["full", "state_ref_ms"] == 3.0
     assert spent.remeasure_s == 0 and table.summary()["slow_state_configs"] == 1
-    roomy = Profiler(_slow_reference_first(quick, [3.0, 3.0]), plan, tmp_path / "b1.parquet", gate=0.5,
+    roomy = Profiler(_scripted_host(quick, [3.0, 3.0]), plan, tmp_path / "b1.parquet", gate=0.5,
                      gate_budget_s=600.0)
     e2e = roomy.run().source("e2e").set_index("config")
     assert e2e["state_ok"].all() and roomy.remeasure_s > 0  # the last pass measured 'full' again
-    r = run_cli("profile", "--model", "cifar_resnet20", "--gate-budget", "-1", "--out", str(tmp_path / "x.parquet"))
+    assert (e2e["state_ref_ms"] == 1.0).all()
+    r = run_cli_here("profile", "--model", "cifar_resnet20", "--gate-budget", "-1", "--out",
+                     str(tmp_path / "x.parquet"))
     assert r.returncode == 2 and "'--gate-budget'" in r.stderr and "Traceback" not in r.stderr

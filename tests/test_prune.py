@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_here, script_e2e, scripted_ort
 from hwprune.checkpoint import Checkpoint
 from hwprune.cost import FlopsCost, MemoryCost, ParamsCost, objective
 from hwprune.errors import HwpruneError
@@ -175,6 +175,8 @@ def test_pruned_checkpoint_round_trip(tmp_path):
 
 
 def test_cli_prune_and_export(tmp_path):
+    """The first command runs the real entry point; the others run in this process (no interpreter
+    start-up each)."""
     spec = create_model("cifar_resnet20")
     _randomize_bn(spec.module)
     base = Checkpoint.from_model(spec, meta={}).save(tmp_path / "base.pt")
@@ -186,48 +188,79 @@ def test_cli_prune_and_export(tmp_path):
     assert doc["cost_fraction"] <= 0.5 and doc["flops"] > 0
     ck = Checkpoint.load(out)
     assert ck.widths and ck.meta["method"] == "l1"
-    r = run_cli("export", "--checkpoint", str(out), "--onnx", str(tmp_path / "p.onnx"))
+    r = run_cli_here("export", "--checkpoint", str(out), "--onnx", str(tmp_path / "p.onnx"))
     assert r.returncode == 0, r.stderr
     sess = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
     # bad input: one line, nothing overwritten
-    r = run_cli("prune", "--checkpoint", str(base), "--method", "l1", "--target", "0.0001", "--out", str(out))
+    r = run_cli_here("prune", "--checkpoint", str(base), "--method", "l1", "--target", "0.0001", "--out", str(out))
     assert r.returncode == 2 and "below what the narrowest" in r.stderr and "Traceback" not in r.stderr
     assert Checkpoint.load(out).meta["target"] == 0.5
-    r = run_cli("prune", "--checkpoint", str(base), "--objective", "latency", "--target", "0.5", "--out", str(out))
+    r = run_cli_here("prune", "--checkpoint", str(base), "--objective", "latency", "--target", "0.5", "--out",
+                     str(out))
     assert r.returncode == 2 and "needs a latency table" in r.stderr
-    r = run_cli("prune", "--checkpoint", str(base), "--method", "gcp", "--recover", "most", "--target", "0.5",
-                "--out", str(out))
+    r = run_cli_here("prune", "--checkpoint", str(base), "--method", "gcp", "--recover", "most", "--target", "0.5",
+                     "--out", str(out))
     assert r.returncode == 2 and "--recover 'most'" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("prune", "--checkpoint", str(out), "--target", "0.5", "--out", str(tmp_path / "x.pt"))
+    r = run_cli_here("prune", "--checkpoint", str(out), "--target", "0.5", "--out", str(tmp_path / "x.pt"))
     assert r.returncode == 2 and "already pruned" in r.stderr
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    r = run_cli("prune", "--checkpoint", str(tmp_path / "junk.pt"), "--target", "0.5", "--out", str(tmp_path / "y.pt"))
+    r = run_cli_here("prune", "--checkpoint", str(tmp_path / "junk.pt"), "--target", "0.5", "--out",
+                     str(tmp_path / "y.pt"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-def test_cli_prune_meets_a_measured_latency_target(tmp_path, quick):
-    """GCP-f style: a FLOPs-driven method re-planned until the measured latency meets --latency-target."""
+def _params_ms(art):
+    """The scripted device of the prune tests: 0.2 ms per run plus 1 ms per 100,000 parameters."""
+    return 0.2 + 1e-5 * sum(p.numel() for p in art.module.parameters())
+
+
+def _script_the_meter(monkeypatch):
+    """Make prune's device measurements (:class:`hwprune.bench.GatedMeter`) time on :func:`_params_ms`."""
+    import hwprune.bench as hb
+    from hwprune.backends import create_backend as real_create
+
+    def create(*a, **k):
+        be = script_e2e(real_create(*a, **k), _params_ms)
+        be.needs_onnx = lambda: False  # the scripted device times the module itself: nothing to export
+        return be
+
+    monkeypatch.setattr(hb, "create_backend", create)
+
+
+def test_cli_prune_meets_a_measured_latency_target(tmp_path, quick, monkeypatch):
+    """GCP-f style: a FLOPs-driven method re-planned until the measured latency meets --latency-target.
+    On the scripted device the FLOPs target of 0.6 measures above 0.6 of the base latency (parameters
+    shrink less than FLOPs, and every run costs 0.2 ms): the goal is lowered until it is met."""
+    from types import SimpleNamespace
+
     from hwprune.profiler import profile
 
     table = tmp_path / "r20.parquet"
-    profile("cifar_resnet20", table, threads=1, configs=10, micro_per_config=0, measure=quick)
+    profile("cifar_resnet20", table, scripted_ort(measure=quick), configs=10, micro_per_config=0)
+    _script_the_meter(monkeypatch)
     spec = create_model("cifar_resnet20")
     _randomize_bn(spec.module)
     base = Checkpoint.from_model(spec, meta={}).save(tmp_path / "base.pt")
     out, chart = tmp_path / "p.pt", tmp_path / "w.png"
-    r = run_cli("prune", "--checkpoint", str(base), "--method", "l1", "--objective", "flops", "--target", "0.6",
-                "--latency-target", "0.6", "--table", str(table), "--threads", "1", "--chart", str(chart),
-                "--out", str(out), "--json")
+    r = run_cli_here("prune", "--checkpoint", str(base), "--method", "l1", "--objective", "flops", "--target", "0.6",
+                     "--latency-target", "0.6", "--table", str(table), "--threads", "1", "--chart", str(chart),
+                     "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
+    base_ms = _params_ms(SimpleNamespace(module=spec.module))
+    assert doc["latency_target"] == 0.6 and doc["base_measured_ms"] == pytest.approx(base_ms)
     log = doc["device_correction"]
-    assert doc["latency_target"] == 0.6 and log and all(e["measured_ms"] > 0 for e in log if "error" not in e)
-    met = [e for e in log if e.get("ratio", 9) <= 0.6]
-    if met:  # the kept configuration is the slowest one that met the target
-        assert doc["cost_fraction"] == pytest.approx(max(met, key=lambda e: e["ratio"])["predicted_fraction"])
-    assert doc["measured_ms"] > 0 and doc["base_measured_ms"] > doc["measured_ms"]
+    assert log[0]["ratio"] > 0.6 and log[0]["predicted_fraction"] <= 0.6  # the FLOPs target alone misses
+    assert all(e["measured_ms"] == pytest.approx(base_ms * e["ratio"]) and e["settled"] for e in log)
+    kept = [e for e in log if e.get("kept")]
+    assert len(kept) == 1 and 0.57 <= kept[0]["ratio"] <= 0.6  # met within the 3% tolerance
+    assert doc["cost_fraction"] == pytest.approx(kept[0]["predicted_fraction"])
+    assert doc["cost_fraction"] < log[0]["predicted_fraction"]  # pruned further than the FLOPs target said
+    pruned = Checkpoint.load(out).build_model().module
+    assert doc["measured_ms"] == pytest.approx(_params_ms(SimpleNamespace(module=pruned)))
+    assert doc["measured_speedup"] == pytest.approx(base_ms / doc["measured_ms"])
     assert chart.read_bytes()[:4] == b"\x89PNG"
-    r = run_cli("prune", "--checkpoint", str(base), "--method", "l1", "--target", "0.6", "--latency-target", "0.6",
-                "--out", str(tmp_path / "q.pt"))
+    r = run_cli_here("prune", "--checkpoint", str(base), "--method", "l1", "--target", "0.6", "--latency-target",
+                     "0.6", "--out", str(tmp_path / "q.pt"))
     assert r.returncode == 2 and "--table" in r.stderr and "Traceback" not in r.stderr

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_cli
 from hwprune.checkpoint import Checkpoint
 from hwprune.cli_quickstart import BASE_CK, SAMPLE
@@ -13,10 +15,26 @@ def test_assets_ship_with_the_package():
     assert (SAMPLE / "train.tar.gz").stat().st_size < 3e6 and (SAMPLE / "test.tar.gz").stat().st_size < 1e6
 
 
+def _tiny_sample(root):
+    """30 training and 10 test images per class of the shipped sample: enough for GCP's batches of
+    128 and a held-out split."""
+    from hwprune.data import load_dataset, save_npz_sample
+
+    for split, per_class in (("train", 30), ("test", 10)):
+        save_npz_sample(load_dataset(SAMPLE, split), root / f"{split}.npz", per_class=per_class)
+    return root
+
+
+@pytest.mark.slow
 def test_quickstart_runs_every_stage_and_resumes(tmp_path):
-    out = tmp_path / "qs"
-    r = run_cli("quickstart", "--out", str(out), "--configs", "12", "--samples", "3", "--finetune-epochs", "1",
-                "--gcp-iters", "3", "--threads", "1", "--gate-budget", "20", "--json", timeout=900)
+    """The smallest run that still goes through every step: 10 configurations (the predictor's
+    minimum), 3 validation samples, one GCP round of one iteration per phase, one fine-tuning epoch
+    on 300 images, short measurements (--quick). Its timings are real: only what holds on any host is
+    asserted."""
+    out, data = tmp_path / "qs", _tiny_sample(tmp_path)
+    r = run_cli("quickstart", "--out", str(out), "--configs", "10", "--samples", "3", "--finetune-epochs", "1",
+                "--gcp-iters", "1", "--gcp-steps", "1", "--threads", "1", "--gate-budget", "5", "--data", str(data),
+                "--quick", "--json", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     for f in ("cpu_table.parquet", "validation.json", "cifar_resnet20_base.pt", "cifar_resnet20_gcp.pt", "bench.json",
@@ -26,7 +44,7 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert doc["base"]["top1"] is not None and doc["pruned"]["top1"] is not None
     assert doc["predictor"]["n"] == 3 and doc["measured_speedup"] > 1
     assert 0 <= doc["predictor_relative"]["within_5pct"] <= doc["predictor_relative"]["within_10pct"] <= 1
-    assert 0 <= doc["predictor"]["slow_configs_used"] <= doc["table_slow_state_configs"] <= 12
+    assert 0 <= doc["predictor"]["slow_configs_used"] <= doc["table_slow_state_configs"] <= 10
     pruned = Checkpoint.load(out / "cifar_resnet20_gcp.pt")
     assert pruned.meta["method"] == "gcp" and pruned.meta["objective"] == "latency"
     assert pruned.meta["predicted_ms"] > 0 and pruned.meta["device_correction"]
@@ -34,6 +52,7 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert all(f"id='{s}'" in html for s in ("device", "results", "pareto", "widths", "predicted", "commands"))
     # a second run keeps the finished steps and only re-reads them
     before = (out / "cifar_resnet20_gcp.pt").stat().st_mtime
-    r = run_cli("quickstart", "--out", str(out), "--configs", "12", "--samples", "3", "--json", timeout=600)
+    r = run_cli("quickstart", "--out", str(out), "--configs", "10", "--samples", "3", "--data", str(data), "--quick",
+                "--json", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "cifar_resnet20_gcp.pt").stat().st_mtime == before
