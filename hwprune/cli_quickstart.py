@@ -162,17 +162,23 @@ def _eval_and_prune(out: Path, table: Path, data: Path, target: float, gcp: list
 
 def _bench_and_report(out: Path, table: Path, base: Path, pruned: Path, opts: list[str], force: bool,
                       steps: dict) -> tuple[Path, Path]:
-    """Steps 5 and 6: base and pruned model interleaved in fresh sessions, then the report."""
+    """Steps 5 and 6: base and pruned model interleaved in fresh sessions, then the report. Each is
+    redone when what it reads is newer than what it wrote."""
     t = time.perf_counter()
-    bench_json = out / "bench.json"
-    if force or not bench_json.exists() or bench_json.stat().st_mtime < pruned.stat().st_mtime:
+    bench_json, report = out / "bench.json", out / "report.html"
+    if force or _stale(bench_json, pruned):
         _run(["bench", "--checkpoint", str(base), "--checkpoint", str(pruned), "--batch", "1", *opts,
               "--table", str(table), "--compare", f"{pruned.stem}:{base.stem}", "--json", str(bench_json)])
     steps["bench"] = time.perf_counter() - t
-    report = out / "report.html"
-    _run(["report", "--bench", str(bench_json), "--checkpoints", str(base), "--checkpoints", str(pruned),
-          "--out", str(report)])
+    if force or _stale(report, bench_json, base, pruned):
+        _run(["report", "--bench", str(bench_json), "--checkpoints", str(base), "--checkpoints", str(pruned),
+              "--out", str(report)])
     return bench_json, report
+
+
+def _stale(output: Path, *inputs: Path) -> bool:
+    """Whether ``output`` is missing or older than any of ``inputs``."""
+    return not output.exists() or any(output.stat().st_mtime < p.stat().st_mtime for p in inputs)
 
 
 def _summary(table: Path, val: dict, base: Path, pruned: Path, bench_json: Path, report: Path, target: float,

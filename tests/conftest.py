@@ -1,8 +1,9 @@
 """Shared fixtures and helpers.
 
 Logic that consumes timings (gating, drift, overhead subtraction, device correction) is tested
-with *scripted* timings: :func:`script_e2e` and :func:`scripted_ort` make a backend return
-chosen milliseconds, so that a test's outcome never depends on how fast the host is. Tests that
+with *scripted* timings: :func:`script_e2e`, :func:`scripted_ort` and :func:`script_the_meter`
+make a backend return chosen milliseconds, so that a test's outcome never depends on how fast the
+host is. Tests that
 time for real assert only what holds on any host (positive, finite, physically ordered).
 """
 
@@ -108,3 +109,23 @@ def scripted_ort(threads: int = 1, measure=None):
 
     be.profile_layers = profile_layers
     return script_e2e(be, e2e_ms)
+
+
+def params_ms(art) -> float:
+    """A scripted device for whole models: 0.2 ms per run plus 1 ms per 100,000 parameters of
+    ``art.module``."""
+    return 0.2 + 1e-5 * sum(p.numel() for p in art.module.parameters())
+
+
+def script_the_meter(monkeypatch, timing=params_ms):
+    """Make every :class:`hwprune.bench.GatedMeter` (prune's device measurements) time each model at
+    ``timing(artifact)`` ms, without exporting or running it."""
+    import hwprune.bench as hb
+    from hwprune.backends import create_backend as real_create
+
+    def create(*a, **k):
+        be = script_e2e(real_create(*a, **k), timing)
+        be.needs_onnx = lambda: False  # the scripted device times the module itself: nothing to export
+        return be
+
+    monkeypatch.setattr(hb, "create_backend", create)

@@ -120,6 +120,7 @@ def test_report_renders_in_a_headless_browser(doc, tmp_path):
     assert "hwprune benchmark report" in out.stdout and "id=\"results\"" in out.stdout
 
 
+@pytest.mark.slow
 def test_cli_bench_json(tmp_path):
     out = tmp_path / "b.json"
     r = run_cli("bench", "--model", "cifar_resnet20", "--batch", "1", "--threads", "1", "--rounds", "1", "--quick",
@@ -206,6 +207,7 @@ def test_gated_meter_waits_for_the_fast_state_with_patience(monkeypatch, patienc
     meter.close()
 
 
+@pytest.mark.slow
 def test_gated_meter_on_onnxruntime():
     space = PruningSpace.from_name("cifar_resnet20", input_size=16)
     from hwprune.bench import GatedMeter

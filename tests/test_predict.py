@@ -34,6 +34,11 @@ def predictor(table):
     return LatencyPredictor(min_rows=10).fit(table)
 
 
+#: One regressor (no selection by cross-validation) and the measured calibration (no cross-fitting):
+#: the fits of tests about something else than choosing a regressor or a calibration.
+ONE_REGRESSOR = {"regressor": "hgb", "calibration": "measured"}
+
+
 @pytest.fixture(scope="module")
 def space():
     return PruningSpace.from_name("cifar_resnet20")
@@ -112,7 +117,7 @@ def test_extrapolation_is_flagged(table, space):
               if all(v <= 0.6 * caps[k] for k, v in json.loads(w).items())]
     assert len(narrow) >= 2  # uniform25 and uniform50 at least
     reduced = LatencyTable(table.rows[table.rows["item"].isin(narrow)], table.meta)
-    pred = LatencyPredictor(min_rows=2).fit(reduced)
+    pred = LatencyPredictor(min_rows=2, **ONE_REGRESSOR).fit(reduced)
     _, layers = pred.predict_layers("cifar_resnet20", space.full())
     assert any(l.extrapolated for l in layers)
     _, inside = pred.predict_layers("cifar_resnet20", space.uniform(0.25))
@@ -150,10 +155,11 @@ def test_saved_and_loaded_without_refitting(predictor, table_path, tmp_path, spa
 
 
 def test_cross_validation_on_held_out_configurations(table):
-    df = cross_validate_e2e(table, folds=2, min_rows=5)
+    df = cross_validate_e2e(table, folds=2, min_rows=5, **ONE_REGRESSOR)
     assert len(df) == len(table.e2e) and df["error"].notna().all()
 
 
+@pytest.mark.slow
 def test_cli_widths_predict_validate(table_path, tmp_path):
     """widths, predict and validate as the command line runs them (in this process: no interpreter
     start-up per command); validate times 3 configurations for real and is checked for its form only."""
@@ -242,7 +248,7 @@ def test_slow_state_configurations_are_left_out_while_enough_others_remain(table
     slow = sorted(set(rows["item"]))[:n_slow]
     rows["state_ok"] = ~rows["item"].isin(slow)
     marked = LatencyTable(rows, table.meta)
-    pred = LatencyPredictor(min_rows=10).fit(marked)
+    pred = LatencyPredictor(min_rows=10, **ONE_REGRESSOR).fit(marked)
     assert pred.slow_configs_used_ == used
     assert pred.selection_["linear"]["rows"] == 14 - n_slow + used
     assert marked.summary()["slow_state_configs"] == n_slow
@@ -350,7 +356,7 @@ def test_nodes_after_a_layer_are_charged_to_it():
 def test_calibration_maps_layer_sums_to_end_to_end_time(table, space, calibration):
     """cross-fitted: a power law fitted on out-of-fold predicted layer sums (so a regressor's bias
     at small or large layers is corrected); measured: a line fitted on the measured layer sums."""
-    pred = LatencyPredictor(calibration=calibration).fit(table)
+    pred = LatencyPredictor(regressor="hgb", calibration=calibration).fit(table)
     f = pred.models_["cifar_resnet20"]
     assert f.log == (calibration == "cross-fitted")
     total, layers = pred.predict_layers("cifar_resnet20", space.uniform(0.5))
@@ -442,7 +448,7 @@ def test_layers_below_the_tables_range_are_predicted_smaller(table, space):
     assert truth.max() < 0.5 * y.min()
     # on a real table: the target the kernels were fitted on is what predicts, whatever
     # set_params says afterwards
-    log_time = LatencyPredictor(min_rows=10, flop_exponent=0.0).fit(table)
+    log_time = LatencyPredictor(min_rows=10, flop_exponent=0.0, **ONE_REGRESSOR).fit(table)
     before = log_time.predict("cifar_resnet20", [space.uniform(0.25)])
     log_time.set_params(flop_exponent=1.0)
     assert log_time.predict("cifar_resnet20", [space.uniform(0.25)]) == pytest.approx(before)
@@ -479,6 +485,7 @@ def test_host_check_compares_the_unpruned_model_now_with_the_table(table, monkey
         hc.check_host(table, ["resnet18"])
 
 
+@pytest.mark.slow
 def test_table_check_cli_exits_1_on_a_drifted_host(table_path, tmp_path):
     """The real host against a table whose unpruned time is 0.1 us, faster than any host runs
     cifar_resnet20: exit 1, JSON out."""

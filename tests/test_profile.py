@@ -209,6 +209,7 @@ def _wait_for_items(path, n, proc, timeout=240):
     raise AssertionError("profiler made no progress")
 
 
+@pytest.mark.slow
 def test_resume_after_the_profiler_is_killed(tmp_path):
     out = tmp_path / "k.parquet"
     args = ["profile", "--model", "cifar_resnet20", "--configs", "6", "--micro", "0", "--threads", "1", "--quick",
@@ -300,6 +301,7 @@ sys.meta_path.insert(0, Block())
 BLOCK_IMPORTS = BLOCKER + "from hwprune.device import main\nmain(sys.argv[1:])\n"
 
 
+@pytest.mark.slow
 def test_device_runner_without_torch(tmp_path):
     bundle = tmp_path / "bundle"
     r = run_cli_here("bundle", "--model", "cifar_resnet20", "--configs", "2", "--micro", "1", "--out", str(bundle))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import run_cli, run_cli_here, script_e2e, scripted_ort
+from conftest import params_ms, run_cli, run_cli_here, script_the_meter, scripted_ort
 from hwprune.checkpoint import Checkpoint
 from hwprune.cost import FlopsCost, MemoryCost, ParamsCost, objective
 from hwprune.errors import HwpruneError
@@ -210,35 +210,18 @@ def test_cli_prune_and_export(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-def _params_ms(art):
-    """The scripted device of the prune tests: 0.2 ms per run plus 1 ms per 100,000 parameters."""
-    return 0.2 + 1e-5 * sum(p.numel() for p in art.module.parameters())
-
-
-def _script_the_meter(monkeypatch):
-    """Make prune's device measurements (:class:`hwprune.bench.GatedMeter`) time on :func:`_params_ms`."""
-    import hwprune.bench as hb
-    from hwprune.backends import create_backend as real_create
-
-    def create(*a, **k):
-        be = script_e2e(real_create(*a, **k), _params_ms)
-        be.needs_onnx = lambda: False  # the scripted device times the module itself: nothing to export
-        return be
-
-    monkeypatch.setattr(hb, "create_backend", create)
-
-
 def test_cli_prune_meets_a_measured_latency_target(tmp_path, quick, monkeypatch):
     """GCP-f style: a FLOPs-driven method re-planned until the measured latency meets --latency-target.
-    On the scripted device the FLOPs target of 0.6 measures above 0.6 of the base latency (parameters
-    shrink less than FLOPs, and every run costs 0.2 ms): the goal is lowered until it is met."""
+    On the scripted device (:func:`conftest.params_ms`) the FLOPs target of 0.6 measures above 0.6 of
+    the base latency (parameters shrink less than FLOPs, and every run costs 0.2 ms): the goal is
+    lowered until it is met."""
     from types import SimpleNamespace
 
     from hwprune.profiler import profile
 
     table = tmp_path / "r20.parquet"
     profile("cifar_resnet20", table, scripted_ort(measure=quick), configs=10, micro_per_config=0)
-    _script_the_meter(monkeypatch)
+    script_the_meter(monkeypatch)
     spec = create_model("cifar_resnet20")
     _randomize_bn(spec.module)
     base = Checkpoint.from_model(spec, meta={}).save(tmp_path / "base.pt")
@@ -248,7 +231,7 @@ def test_cli_prune_meets_a_measured_latency_target(tmp_path, quick, monkeypatch)
                      "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    base_ms = _params_ms(SimpleNamespace(module=spec.module))
+    base_ms = params_ms(SimpleNamespace(module=spec.module))
     assert doc["latency_target"] == 0.6 and doc["base_measured_ms"] == pytest.approx(base_ms)
     log = doc["device_correction"]
     assert log[0]["ratio"] > 0.6 and log[0]["predicted_fraction"] <= 0.6  # the FLOPs target alone misses
@@ -258,7 +241,7 @@ def test_cli_prune_meets_a_measured_latency_target(tmp_path, quick, monkeypatch)
     assert doc["cost_fraction"] == pytest.approx(kept[0]["predicted_fraction"])
     assert doc["cost_fraction"] < log[0]["predicted_fraction"]  # pruned further than the FLOPs target said
     pruned = Checkpoint.load(out).build_model().module
-    assert doc["measured_ms"] == pytest.approx(_params_ms(SimpleNamespace(module=pruned)))
+    assert doc["measured_ms"] == pytest.approx(params_ms(SimpleNamespace(module=pruned)))
     assert doc["measured_speedup"] == pytest.approx(base_ms / doc["measured_ms"])
     assert chart.read_bytes()[:4] == b"\x89PNG"
     r = run_cli_here("prune", "--checkpoint", str(base), "--method", "l1", "--target", "0.6", "--latency-target",

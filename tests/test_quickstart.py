@@ -29,11 +29,11 @@ def _tiny_sample(root):
 def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     """The smallest run that still goes through every step: 10 configurations (the predictor's
     minimum), 3 validation samples, one GCP round of one iteration per phase, one fine-tuning epoch
-    on 300 images, short measurements (--quick). Its timings are real: only what holds on any host is
-    asserted."""
+    on 300 images, short measurements (--quick), no re-measurement of slow-state configurations
+    (--gate-budget 0). Its timings are real: only what holds on any host is asserted."""
     out, data = tmp_path / "qs", _tiny_sample(tmp_path)
     r = run_cli("quickstart", "--out", str(out), "--configs", "10", "--samples", "3", "--finetune-epochs", "1",
-                "--gcp-iters", "1", "--gcp-steps", "1", "--threads", "1", "--gate-budget", "5", "--data", str(data),
+                "--gcp-iters", "1", "--gcp-steps", "1", "--threads", "1", "--gate-budget", "0", "--data", str(data),
                 "--quick", "--json", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
@@ -51,8 +51,9 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     html = (out / "report.html").read_text()
     assert all(f"id='{s}'" in html for s in ("device", "results", "pareto", "widths", "predicted", "commands"))
     # a second run keeps the finished steps and only re-reads them
-    before = (out / "cifar_resnet20_gcp.pt").stat().st_mtime
+    before = {f: (out / f).stat().st_mtime for f in ("cifar_resnet20_gcp.pt", "bench.json", "report.html")}
     r = run_cli("quickstart", "--out", str(out), "--configs", "10", "--samples", "3", "--data", str(data), "--quick",
                 "--json", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (out / "cifar_resnet20_gcp.pt").stat().st_mtime == before
+    assert {f: (out / f).stat().st_mtime for f in before} == before
+    assert json.loads(r.stdout)["pruned"]["measured_ms"] == doc["pruned"]["measured_ms"]

