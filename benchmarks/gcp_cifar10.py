@@ -1,4 +1,4 @@
-"""GCP against the baselines on CIFAR-10 at equal measured latency (issue 5).
+"""GCP against the baselines on CIFAR-10 at equal measured latency.
 
 Run from the repository root on a quiet machine (nothing else using the CPU):
 
@@ -26,7 +26,7 @@ and speed-ups; one interleaved ``hwprune bench`` of all models (15 rounds of 0.3
 sessions) adds fastest-round and median-round speed-ups beside them. Hand-written notes in ``benchmarks/results/gcp_cifar10_notes.md``
 are appended to the generated Markdown.
 
-Results: ``benchmarks/results/gcp_cifar10.json`` (rows as in the issue), ``gcp_cifar10.md``,
+Results: ``benchmarks/results/gcp_cifar10.json`` (one row per method and target), ``gcp_cifar10.md``,
 ``gcp_cifar10_widths.png`` (GCP-lambda, GCP-f, GCP-p) and ``gcp_cifar10_widths_all.png``;
 pruned checkpoints in ``benchmarks/checkpoints/gcp_cifar10/``.
 """

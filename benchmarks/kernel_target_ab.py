@@ -69,7 +69,7 @@ def main() -> int:
                      f"| {100 * x['fresh_within_10pct']:.0f}% | {100 * x['fresh_rmspe']:.2f}% "
                      + (f"| {100 * rel['within_5pct']:.0f}% | {100 * rel['within_10pct']:.0f}% |"
                         if rel.get("within_5pct") is not None else "| | |"))
-    lines += ["", "1 is the default (time per kernel FLOP), 0 learns log(time) itself (the target before session 9)."]
+    lines += ["", "1 is the default (time per kernel FLOP), 0 learns log(time) itself."]
     (RESULTS / f"{args.results}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -206,7 +206,7 @@ def write(results: dict) -> None:
     lines += ["", f"Reproducibility of the measurements themselves: each configuration was measured in {rounds} fresh "
                   "sessions. The spread between them (max/min - 1), how often one session landed within 5% and 10% of "
                   "the median of the configuration's other sessions (measured against measured: the ceiling these "
-                  "measurements allow any predictor; runs before session 6 did not keep the sessions), and "
+                  "measurements allow any predictor; older result files do not keep the sessions), and "
                   "the predictor's accuracy where the sessions agreed within 2%:", "",
               "| run | batch | model | median session spread | p90 spread | session vs others within 5% | within 10% "
               "| n (spread < 2%) | within ±5% there | within ±10% there |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -249,7 +249,7 @@ def write(results: dict) -> None:
                       + (f" (timed with {s['timed_with']}; it replaces {s['replaces']['seconds']:.2f} s timed "
                          f"{s['replaces'].get('timed_with', 'with the validation')})" if s.get("replaces") else "")
                       + "."]
-    lines += ["", "Targets (issue): at least 99% within ±10% and 90% within ±5% (nn-Meter: 99.0% within ±10% on a "
+    lines += ["", "Targets: at least 99% within ±10% and 90% within ±5% (nn-Meter: 99.0% within ±10% on a "
                   "mobile CPU)."]
     if results.get("notes"):  # hand-written, kept in predictor.json
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]

@@ -1,4 +1,4 @@
-"""Does gating on the host's state make the predictor more accurate? (issue 3, shared VM)
+"""Does gating on the host's state make the predictor more accurate? (a shared VM)
 
 Run on a quiet machine from the repository root, after profiling cifar_resnet20 with
 ``--gate`` (``python benchmarks/profile_tables.py --only cifar_resnet20 --batches 1``):

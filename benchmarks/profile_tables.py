@@ -29,7 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PLAN = {"resnet18": 100, "resnet50": 100, "mobilenet_v2": 100, "cifar_resnet56": 150,
         # families kept out of the predictor's design, to test that it generalises (batch 1 only)
         "cifar_vgg16_bn": 80, "efficientnet_b0": 80,
-        # a family that influenced no design choice at all (session 6, 1 thread)
+        # a family that influenced no design choice at all (1 thread)
         "mobilenet_v3_small": 40,
         # the model the GCP benchmark and the quickstart prune (batch 1)
         "cifar_resnet20": 100}
@@ -158,7 +158,7 @@ def write_tables_readme() -> None:
              "validate tables across devices or settings. Profile your own device with the same command.", "",
              "*Profiler overhead*: what the layer profiler adds to each node it times (`TableMeta.node_overhead_ms`,",
              "measured with two chains of tiny nodes; the predictor takes it off every node). The tables written",
-             "before session 9 got it from `hwprune profile ... --resume` on the same VM on 2026-11-22.", "",
+             "before the probe existed got it from `hwprune profile ... --resume` on the same VM on 2026-11-22.", "",
              "*Dated folders* (`2026-11-30/`): the same VM under the same fingerprint, profiled again on a day it",
              "ran 1.5-1.9x slower than when the tables at the top level were taken (2026-11-21/22). Use the tables",
              "of the state the host is in: `hwprune table check TABLE` times the unpruned models now against the",
