@@ -40,8 +40,8 @@ print(float(np.median(t)))
 
 
 def main() -> None:
-    from hwprune.export import export_onnx
-    from hwprune.fingerprint import fingerprint
+    from hwprune.profiling.onnx_export import export_onnx
+    from hwprune.profiling.fingerprint import fingerprint
     from hwprune.models import create_model
 
     meds, covs, secs = [], [], []

@@ -96,10 +96,10 @@ def run_one(a, table: Path, label: str, target: float, seed: int) -> dict:
     """Prune, fine-tune within the budget, evaluate once: one results row."""
     import torch
 
-    from hwprune.checkpoint import Checkpoint
-    from hwprune.data import load_splits
-    from hwprune.target import DeviceOptions, prune_to_target
-    from hwprune.train import TrainConfig, evaluate, train
+    from hwprune.training.checkpoint import Checkpoint
+    from hwprune.training.data import load_splits
+    from hwprune.pruning.target import DeviceOptions, prune_to_target
+    from hwprune.training.train import TrainConfig, evaluate, train
 
     method, objective, meet = VARIANTS[label]
     torch.manual_seed(seed)
@@ -143,8 +143,8 @@ def load_rows(a) -> list[dict]:
 
 
 def save(rows: list[dict], a, table: Path) -> None:
-    from hwprune.io import atomic_write_text
-    from hwprune.table import LatencyTable
+    from hwprune.atomic import atomic_write_text
+    from hwprune.profiling.table import LatencyTable
 
     doc = {"date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
            "machine": {"platform": platform.platform(), "processor": _cpu(), "cores": _cores()},

@@ -20,7 +20,7 @@ Every method gets the same fine-tuning budget (E epochs, same lr and batch) and 
 of its channels cifar_resnet20 measures only about 0.4 of its base latency). GCP-p runs once
 (no fine-tuning, no correction) for the width-pattern chart. Finished checkpoints are kept and
 skipped on a re-run, so the script resumes. At the end every pruned checkpoint is measured
-with the base by ``hwprune.bench.GatedMeter`` (paired rounds, counted only while the base runs
+with the base by ``hwprune.bench.harness.GatedMeter`` (paired rounds, counted only while the base runs
 at its fastest: the estimator the device correction uses), which gives the table's latencies
 and speed-ups; one interleaved ``hwprune bench`` of all models (15 rounds of 0.3 s, fresh
 sessions) adds fastest-round and median-round speed-ups beside them. Hand-written notes in ``benchmarks/results/gcp_cifar10_notes.md``
@@ -89,8 +89,8 @@ def prune_all(a) -> list[tuple[str, float, Path, list[str]]]:
 
 def gated_latency(a, runs):
     """The estimator prune's device correction uses: every pruned model paired with the base, state-gated."""
-    from hwprune.bench import BenchModel, GatedMeter
-    from hwprune.checkpoint import Checkpoint
+    from hwprune.bench.harness import BenchModel, GatedMeter
+    from hwprune.training.checkpoint import Checkpoint
 
     base = Checkpoint.load(a.base).build_model()
     with GatedMeter(BenchModel("base", module=base.module, input_size=tuple(base.input_size)), threads=2,
@@ -104,8 +104,8 @@ def min_keep(a, target: float) -> float:
 
 def width_patterns(a, runs) -> dict[str, list[float]]:
     """Kept fraction per group for GCP-lambda, GCP-f (from the runs) and GCP-p (pattern only)."""
-    from hwprune.checkpoint import Checkpoint
-    from hwprune.space import PruningSpace
+    from hwprune.training.checkpoint import Checkpoint
+    from hwprune.pruning.space import PruningSpace
 
     space = PruningSpace.from_name(a.arch)
     ckp = CKS / f"{a.arch}_gcp-p_pattern.pt"
@@ -165,15 +165,15 @@ def main() -> None:
     doc = json.loads(bench_json.read_text())
     ok = [r for r in doc["results"] if not r.get("error")]
     med = {r["model"]: r["latency_ms"]["median"] for r in ok}
-    # other tenants of this VM add a fixed delay for seconds at a time (hwprune/bench.py): the fastest of
+    # other tenants of this VM add a fixed delay for seconds at a time (hwprune/bench/harness.py): the fastest of
     # many short rounds is the steady estimator, the median (and the paired per-round ratio) go beside it
     fast = {r["model"]: min(x["median"] for x in r["rounds"]) for r in ok}
-    from hwprune.bench import speedups
+    from hwprune.bench.harness import speedups
 
     paired = {s["model"]: s["speedup"] for s in speedups(doc, [(ck.stem, a.base.stem) for _, _, ck, _ in runs])}
     gated = gated_latency(a, runs)
 
-    from hwprune.checkpoint import Checkpoint
+    from hwprune.training.checkpoint import Checkpoint
 
     base_ck = Checkpoint.load(a.base)
     base_top1 = (base_ck.meta.get("accuracy") or {}).get("top1")
@@ -211,8 +211,8 @@ def main() -> None:
            "compute_seconds": round(sum(r["prune_seconds"] + r["finetune_seconds"] for r in rows), 1), "rows": rows}
     (RESULTS / "gcp_cifar10.json").write_text(json.dumps(out, indent=1) + "\n")
 
-    from hwprune.report import width_chart
-    from hwprune.space import PruningSpace
+    from hwprune.bench.report import width_chart
+    from hwprune.pruning.space import PruningSpace
 
     labels = [g.id for g in PruningSpace.from_name(a.arch).groups]
     t_main = a.targets[0]
@@ -229,7 +229,7 @@ def main() -> None:
           f"Every method: {a.epochs} fine-tuning epochs (lr {a.lr:g}, batch {a.batch}), the same `--min-keep` floor "
           f"per target. **ms** and **speed-up**: every pruned model measured with the base in rounds of 0.3 s "
           f"(fresh sessions), counting only rounds in which the base ran within 5% of its fastest timing "
-          f"(`hwprune.bench.GatedMeter`, the estimator of prune's device correction; {gated.gated_rounds} of "
+          f"(`hwprune.bench.harness.GatedMeter`, the estimator of prune's device correction; {gated.gated_rounds} of "
           f"{gated.rounds} rounds counted). Beside them, from one interleaved `hwprune bench` of all models "
           f"({a.rounds} rounds of {a.min_time:g} s): the fastest-round and median-round speed-ups.", "",
           f"Base: {a.base.name}, top-1 {base_top1}%, {base_ms:.3f} ms (gated), {fast[a.base.stem]:.3f} ms "

@@ -27,9 +27,9 @@ EXPONENTS = (1.0, 0.5, 0.0)
 
 
 def main() -> int:
-    from hwprune.predict import LatencyPredictor, cross_validate_e2e
-    from hwprune.table import LatencyTable
-    from hwprune.validate import repredict
+    from hwprune.prediction.predictor import LatencyPredictor, cross_validate_e2e
+    from hwprune.profiling.table import LatencyTable
+    from hwprune.prediction.validate import repredict
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quickstart", type=Path, required=True, help="a `hwprune quickstart --out` directory")

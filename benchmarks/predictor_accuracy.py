@@ -50,7 +50,7 @@ def stem() -> str:
 
 
 def load(models, batch):
-    from hwprune.table import LatencyTable
+    from hwprune.profiling.table import LatencyTable
 
     tables = [LatencyTable.load(TABLES / f"onnxruntime-cpu-t{THREADS}-b{batch}" / f"{m}.parquet")
               for m in models]
@@ -58,9 +58,9 @@ def load(models, batch):
 
 
 def run(models, batch, samples, tag, gate=None):
-    from hwprune.predict import LatencyPredictor
+    from hwprune.prediction.predictor import LatencyPredictor
     from hwprune.progress import item_progress
-    from hwprune.validate import plot_validation, validate
+    from hwprune.prediction.validate import plot_validation, validate
 
     table = load(models, batch)
     t0 = time.perf_counter()
@@ -87,8 +87,8 @@ def repredict(r: dict) -> dict:
     """
     import subprocess
 
-    from hwprune.predict import LatencyPredictor
-    from hwprune.validate import plot_validation, repredict as rescore
+    from hwprune.prediction.predictor import LatencyPredictor
+    from hwprune.prediction.validate import plot_validation, repredict as rescore
 
     table = load(r["models"], r["batch"])
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def repredict(r: dict) -> dict:
 
 def speed_configs(n: int = 10_000) -> list:
     """The configurations prediction speed is timed on: ``n`` random resnet50 ones (seed 7)."""
-    from hwprune.space import PruningSpace
+    from hwprune.pruning.space import PruningSpace
 
     space = PruningSpace.from_name("resnet50")
     rng = random.Random(7)
@@ -140,7 +140,7 @@ def speed(pred, configs: list | None = None) -> dict:
 
 
 def write(results: dict) -> None:
-    from hwprune.validate import session_deviations
+    from hwprune.prediction.validate import session_deviations
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     slim = json.loads(json.dumps(results, default=float))
@@ -296,7 +296,7 @@ def main() -> None:
     if args.speed:
         import subprocess
 
-        from hwprune.predict import LatencyPredictor
+        from hwprune.prediction.predictor import LatencyPredictor
 
         results = json.loads((RESULTS / f"{stem()}.json").read_text())
         old = results.get("speed")
@@ -317,7 +317,7 @@ def main() -> None:
         print((RESULTS / f"{stem()}.md").read_text())
         return
     if args.replot:
-        from hwprune.validate import ValidationResult, ValidationSample, plot_validation
+        from hwprune.prediction.validate import ValidationResult, ValidationSample, plot_validation
 
         results = json.loads((RESULTS / f"{stem()}.json").read_text())
         fields = ValidationSample.__dataclass_fields__
@@ -335,7 +335,7 @@ def main() -> None:
         write(json.loads((RESULTS / f"{stem()}.json").read_text()))
         print((RESULTS / f"{stem()}.md").read_text())
         return
-    from hwprune.fingerprint import fingerprint
+    from hwprune.profiling.fingerprint import fingerprint
 
     fp = fingerprint()
     # runs not repeated this time (another batch size, or the unseen families) are kept from the last results

@@ -7,7 +7,7 @@ Run from the repository root (no measurement, any load is fine):
 For each table set (batch 1 and batch 8 of resnet18, resnet50, mobilenet_v2 and
 cifar_resnet56; batch 1 of the two families kept out of the design), the merged table's
 configurations are split into 4 folds, and each fold's measured end-to-end times are
-predicted by a predictor fitted on the other three (``hwprune.predict.cross_validate_e2e``).
+predicted by a predictor fitted on the other three (``hwprune.prediction.predictor.cross_validate_e2e``).
 The fresh-model validation (``predictor_accuracy.py``) is not used to choose anything.
 Results: ``benchmarks/results/predictor_cv.json`` and ``.md``.
 """
@@ -52,8 +52,8 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from hwprune.predict import cross_validate_e2e
-    from hwprune.table import LatencyTable
+    from hwprune.prediction.predictor import cross_validate_e2e
+    from hwprune.profiling.table import LatencyTable
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)

@@ -45,10 +45,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    from hwprune.predict import LatencyPredictor
-    from hwprune.space import PruningSpace, WidthConfig
-    from hwprune.table import LatencyTable
-    from hwprune.validate import validate
+    from hwprune.prediction.predictor import LatencyPredictor
+    from hwprune.pruning.space import PruningSpace, WidthConfig
+    from hwprune.profiling.table import LatencyTable
+    from hwprune.prediction.validate import validate
 
     model = "cifar_resnet20"
     tables = {"gated table": LatencyTable.load(NEW), "plain table": LatencyTable.load(a.old)}
@@ -72,7 +72,7 @@ def main() -> None:
            "predicted_full_ms": full, "rows": rows,
            "measured": {k: [{"widths": s.widths, "measured_ms": s.measured_ms, "session_spread": s.session_spread}
                             for s in v] for k, v in runs.items()}}
-    from hwprune.fingerprint import fingerprint
+    from hwprune.profiling.fingerprint import fingerprint
 
     fp = fingerprint()
     out["machine"] = {"cpu_model": fp.get("cpu_model"), "cpu_cores": fp.get("cpu_cores")}

@@ -6,7 +6,7 @@ Run from the repository root:
 
 On the shipped resnet50 table (1 thread, batch 1, the 2026-11-30 host) a predictor is
 fitted (as every command given ``--table`` did before artifacts), saved as an artifact
-(:mod:`hwprune.artifact`) and loaded back, in this process and in a fresh one. Both the
+(:mod:`hwprune.prediction.artifact`) and loaded back, in this process and in a fresh one. Both the
 loaded and the fitted predictor then predict the 10,000 random resnet50 configurations
 of ``predictor_accuracy.py --speed``, timed the same way, and their predictions are
 compared bit for bit. The comparison predicts on one thread: a bulk prediction lets the
@@ -43,8 +43,8 @@ from predictor_accuracy import speed, speed_configs  # noqa: E402  (prediction s
 # a load in a fresh process, after the imports every hwprune command makes anyway (torch, scikit-learn)
 FRESH = """import json, sys, time
 t0 = time.perf_counter()
-import skops.io, sklearn.ensemble, hwprune.predict
-from hwprune.artifact import load_predictor
+import skops.io, sklearn.ensemble, hwprune.prediction.predictor
+from hwprune.prediction.artifact import load_predictor
 t1 = time.perf_counter()
 load_predictor(sys.argv[1], sys.argv[2])
 t2 = time.perf_counter()
@@ -53,8 +53,8 @@ print(json.dumps({"import_seconds": t1 - t0, "load_seconds": t2 - t1}))
 
 
 def machine() -> dict:
-    from hwprune.artifact import library_versions
-    from hwprune.fingerprint import cpu_model
+    from hwprune.prediction.artifact import library_versions
+    from hwprune.profiling.fingerprint import cpu_model
 
     load = os.getloadavg()[0]
     cores = os.cpu_count() or 1
@@ -74,7 +74,7 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 
 def identical(a, b, configs: list) -> bool:
     """Whether ``a`` and ``b`` predict ``configs`` bit for bit the same, each on one thread."""
-    import hwprune.predict as hp
+    import hwprune.prediction.predictor as hp
 
     bulk, hp.BULK_ROWS = hp.BULK_ROWS, float("inf")
     try:
@@ -84,9 +84,9 @@ def identical(a, b, configs: list) -> bool:
 
 
 def run(table_path: Path) -> dict:
-    from hwprune.artifact import load_predictor, save_predictor
-    from hwprune.predict import LatencyPredictor
-    from hwprune.table import LatencyTable
+    from hwprune.prediction.artifact import load_predictor, save_predictor
+    from hwprune.prediction.predictor import LatencyPredictor
+    from hwprune.profiling.table import LatencyTable
 
     before = machine()
     table = LatencyTable.load(table_path)

@@ -35,7 +35,7 @@ PLAN = {"resnet18": 100, "resnet50": 100, "mobilenet_v2": 100, "cifar_resnet56":
         "cifar_resnet20": 100}
 SHIPPED = ["resnet18", "resnet50", "mobilenet_v2", "cifar_resnet56"]
 # tables profiled with --gate (re-measure configurations timed while another tenant held a vCPU; see
-# hwprune/profiler.py): the sub-millisecond models, whose 2-thread latency that state changes most
+# hwprune/profiling/profiler.py): the sub-millisecond models, whose 2-thread latency that state changes most
 GATE = {"cifar_resnet20": 0.05}
 THREADS = 2  # default intra-op threads (--threads changes it)
 TABLES_ROOT = TABLES  # where the tN-bB folders go (--tables: another host's tables, kept apart)
@@ -71,8 +71,8 @@ def build(model: str, batch: int, configs: int, overwrite: bool = False, gate: f
 STABILITY = """
 import json, sys, warnings
 warnings.filterwarnings("ignore")
-from hwprune.backends import ModelArtifact, create_backend
-from hwprune.measure import MeasureConfig
+from hwprune.profiling.backends import ModelArtifact, create_backend
+from hwprune.profiling.measure import MeasureConfig
 be = create_backend("onnxruntime", threads=%d, measure=MeasureConfig(warmup_s=0.2, min_time_s=1.0))
 m = be.measure_e2e(ModelArtifact((1, 3, 224, 224), onnx_path=sys.argv[1]))
 print(json.dumps({"median": m.stats.median, "cov": m.stats.cov, "rcov": m.stats.rcov, "count": m.stats.count}))
@@ -84,7 +84,7 @@ def stability(runs: int = 5) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from hwprune.export import export_onnx
+    from hwprune.profiling.onnx_export import export_onnx
     from hwprune.models import create_model
 
     path = RESULTS / "_resnet18.onnx"
@@ -105,7 +105,7 @@ def stability(runs: int = 5) -> dict:
 
 
 def machine() -> dict:
-    from hwprune.fingerprint import fingerprint
+    from hwprune.profiling.fingerprint import fingerprint
 
     fp = fingerprint()
     return {k: fp[k] for k in ("cpu_model", "cpu_cores", "cpu_flags", "machine")}
@@ -147,7 +147,7 @@ def _short(command: str) -> str:
 
 def write_tables_readme() -> None:
     """latency_tables/README.md: every shipped table and how it was made (from its own metadata)."""
-    from hwprune.table import LatencyTable
+    from hwprune.profiling.table import LatencyTable
 
     lines = ["# Shipped latency tables", "",
              "Each table is a Parquet file written by `hwprune profile` (format: see the main README). Its metadata",

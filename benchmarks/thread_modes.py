@@ -58,9 +58,9 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from hwprune.export import export_onnx
-    from hwprune.fingerprint import fingerprint
-    from hwprune.space import PruningSpace
+    from hwprune.profiling.onnx_export import export_onnx
+    from hwprune.profiling.fingerprint import fingerprint
+    from hwprune.pruning.space import PruningSpace
 
     space = PruningSpace.from_name("cifar_resnet56")
     cfg = space.sample(random.Random(36))

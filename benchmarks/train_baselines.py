@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hwprune.checkpoint import Checkpoint
+from hwprune.training.checkpoint import Checkpoint
 
 MODELS = ("cifar_resnet20", "cifar_resnet56")
 

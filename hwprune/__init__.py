@@ -9,19 +9,18 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "HwpruneError": ("hwprune.errors", "HwpruneError"),
-    "LatencyTable": ("hwprune.table", "LatencyTable"),
-    "PruningSpace": ("hwprune.space", "PruningSpace"),
-    "WidthConfig": ("hwprune.space", "WidthConfig"),
+    "LatencyTable": ("hwprune.profiling.table", "LatencyTable"),
+    "PruningSpace": ("hwprune.pruning.space", "PruningSpace"),
+    "WidthConfig": ("hwprune.pruning.space", "WidthConfig"),
     "create_model": ("hwprune.models", "create_model"),
     "list_models": ("hwprune.models", "list_models"),
-    "create_backend": ("hwprune.backends", "create_backend"),
-    "MeasureConfig": ("hwprune.measure", "MeasureConfig"),
-    "profile": ("hwprune.profiler", "profile"),
-    "LatencyPredictor": ("hwprune.predict", "LatencyPredictor"),
-    "Checkpoint": ("hwprune.checkpoint", "Checkpoint"),
-    "objective": ("hwprune.cost", "objective"),
-    "gcp": ("hwprune.gcp", "gcp"),
-    "bench": ("hwprune.bench", "bench"),
+    "create_backend": ("hwprune.profiling.backends", "create_backend"),
+    "MeasureConfig": ("hwprune.profiling.measure", "MeasureConfig"),
+    "profile": ("hwprune.profiling.profiler", "profile"),
+    "LatencyPredictor": ("hwprune.prediction.predictor", "LatencyPredictor"),
+    "Checkpoint": ("hwprune.training.checkpoint", "Checkpoint"),
+    "objective": ("hwprune.pruning.objectives", "objective"),
+    "gcp": ("hwprune.pruning.gcp", "gcp"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,3 +1,3 @@
-from .cli import main
+from hwprune.cli import main
 
 main()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-from .errors import HwpruneError
+from hwprune.errors import HwpruneError
 
 T = TypeVar("T")
 

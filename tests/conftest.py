@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 @pytest.fixture(scope="session")
 def quick():
-    from hwprune.measure import MeasureConfig
+    from hwprune.profiling.measure import MeasureConfig
 
     return MeasureConfig.quick()
 
@@ -53,8 +53,8 @@ def run_cli_here(*args: str) -> subprocess.CompletedProcess:
 
 
 def measured(ms: float, count: int = 5):
-    """A :class:`~hwprune.measure.Measurement` whose every sample took ``ms``."""
-    from hwprune.measure import Measurement, Stats
+    """A :class:`~hwprune.profiling.measure.Measurement` whose every sample took ``ms``."""
+    from hwprune.profiling.measure import Measurement, Stats
 
     return Measurement(stats=Stats.from_samples([ms] * count), setup_ms=1.0, first_run_ms=ms,
                        samples_ms=[ms] * count)
@@ -88,8 +88,8 @@ def scripted_ort(threads: int = 1, measure=None):
     """A real ONNX Runtime backend (its fusions and executed shapes are read from the runtime)
     whose every timing comes from :func:`scripted_node_ms` instead of the clock: a table it
     profiles is the same on every host."""
-    from hwprune.backends import create_backend
-    from hwprune.measure import Stats
+    from hwprune.profiling.backends import create_backend
+    from hwprune.profiling.measure import Stats
 
     be = create_backend("onnxruntime", threads=threads, measure=measure)
     real, memo = be.profile_layers, {}
@@ -118,10 +118,10 @@ def params_ms(art) -> float:
 
 
 def script_the_meter(monkeypatch, timing=params_ms):
-    """Make every :class:`hwprune.bench.GatedMeter` (prune's device measurements) time each model at
+    """Make every :class:`hwprune.bench.harness.GatedMeter` (prune's device measurements) time each model at
     ``timing(artifact)`` ms, without exporting or running it."""
-    import hwprune.bench as hb
-    from hwprune.backends import create_backend as real_create
+    import hwprune.bench.harness as hb
+    from hwprune.profiling.backends import create_backend as real_create
 
     def create(*a, **k):
         be = script_e2e(real_create(*a, **k), timing)

@@ -13,15 +13,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hwprune.backends.base import LayerTiming, ModelArtifact
-from hwprune.backends.tensorrt_backend import (TensorRTBackend, convert_onnx_precision, layer_info_to_unit,
+from hwprune.profiling.backends.base import LayerTiming, ModelArtifact
+from hwprune.profiling.backends.tensorrt_backend import (TensorRTBackend, convert_onnx_precision, layer_info_to_unit,
                                                onnx_names_of_layer, onnx_node_info, onnx_node_to_module,
                                                read_engine_layers, tensor_format)
-from hwprune.backends.torch_backend import (TorchBackend, build_unit_module, unit_key_for_module,
+from hwprune.profiling.backends.torch_backend import (TorchBackend, build_unit_module, unit_key_for_module,
                                             unit_key_for_spec)
 from hwprune.errors import BackendUnavailable
-from hwprune.measure import MeasureConfig
-from hwprune.units import UnitSpec
+from hwprune.profiling.measure import MeasureConfig
+from hwprune.profiling.rows import UnitSpec
 
 QUICK = MeasureConfig.quick()
 CUDA_REASON = TorchBackend.unavailable_reason("cuda")

@@ -10,11 +10,11 @@ import torch.nn as nn
 from onnx import TensorProto, helper
 
 from conftest import run_cli, run_cli_here
-from hwprune.bench import BenchModel, bench, speedups
+from hwprune.bench.harness import BenchModel, bench, speedups
 from hwprune.errors import HwpruneError
-from hwprune.measure import MeasureConfig
-from hwprune.report import SECTIONS, pareto_front, write_report
-from hwprune.space import PruningSpace
+from hwprune.profiling.measure import MeasureConfig
+from hwprune.bench.report import SECTIONS, pareto_front, write_report
+from hwprune.pruning.space import PruningSpace
 
 QUICK = MeasureConfig(warmup_s=0.01, min_iters=5, min_time_s=0.02, retries=0)
 
@@ -87,7 +87,7 @@ def test_pareto_front():
 
 
 def test_report_holds_every_section(doc, tmp_path):
-    from hwprune.checkpoint import Checkpoint
+    from hwprune.training.checkpoint import Checkpoint
     from hwprune.models import ModelSpec
 
     space = PruningSpace.from_name("cifar_resnet20")
@@ -139,7 +139,7 @@ def test_gated_meter_counts_only_rounds_in_the_fast_state(monkeypatch):
     """Scripted host: the reference runs slow (a neighbour took a core) for three rounds, then fast."""
     from types import SimpleNamespace
 
-    import hwprune.bench as hb
+    import hwprune.bench.harness as hb
 
     script = iter([  # (reference, candidate) per round: slow rounds squeeze the ratio to 0.8
         (1.0, 0.8), (1.0, 0.8), (1.0, 0.8), (0.6, 0.3), (0.61, 0.305), (0.6, 0.3), (1.0, 0.8)])
@@ -172,7 +172,7 @@ def _scripted_meter(monkeypatch, script, **kw):
     """A GatedMeter whose backend returns (reference, candidate) timings from ``script``, one pair per round."""
     from types import SimpleNamespace
 
-    import hwprune.bench as hb
+    import hwprune.bench.harness as hb
 
     script, state = iter(script), {}
 
@@ -210,7 +210,7 @@ def test_gated_meter_waits_for_the_fast_state_with_patience(monkeypatch, patienc
 @pytest.mark.slow
 def test_gated_meter_on_onnxruntime():
     space = PruningSpace.from_name("cifar_resnet20", input_size=16)
-    from hwprune.bench import GatedMeter
+    from hwprune.bench.harness import GatedMeter
 
     with GatedMeter(BenchModel("base", module=space.model, input_size=(3, 16, 16)), threads=1, measure=QUICK,
                     need=2, max_rounds=6) as meter:

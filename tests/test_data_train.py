@@ -12,16 +12,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import hwprune.cli_train  # noqa: F401  (registers train/eval)
-import hwprune.data as data_mod
-import hwprune.train as train_mod
-from hwprune.checkpoint import FORMAT, Checkpoint
+import hwprune.cli.train  # noqa: F401  (registers train/eval)
+import hwprune.training.data as data_mod
+import hwprune.training.train as train_mod
+from hwprune.training.checkpoint import FORMAT, Checkpoint
 from hwprune.cli import app
-from hwprune.data import (CIFAR10_MEAN, BatchLoader, ImageDataset, channel_stats, holdout_split, load_dataset,
+from hwprune.training.data import (CIFAR10_MEAN, BatchLoader, ImageDataset, channel_stats, holdout_split, load_dataset,
                           load_splits, save_npz_sample)
 from hwprune.errors import HwpruneError
 from hwprune.models import create_model
-from hwprune.train import TrainConfig, evaluate, train
+from hwprune.training.train import TrainConfig, evaluate, train
 
 CLASSES = ["cat", "dog", "frog"]
 COLORS = {"cat": (220, 40, 40), "dog": (40, 200, 60), "frog": (50, 60, 230)}

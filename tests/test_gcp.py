@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hwprune.cost import FlopsCost, ParamsCost, _Base
-from hwprune.gcp import GCPConfig, _Masks, _phase, _trainables, gcp
-from hwprune.space import PruningSpace
+from hwprune.pruning.objectives import FlopsCost, ParamsCost, _Base
+from hwprune.pruning.gcp import GCPConfig, _Masks, _phase, _trainables, gcp
+from hwprune.pruning.space import PruningSpace
 
 
 def make_space():
@@ -195,7 +195,7 @@ def test_lambda_and_lr_are_chosen_on_the_holdout_loss():
 
 
 def test_target_is_corrected_until_met_on_the_device():
-    from hwprune.gcp import correct_to_measured
+    from hwprune.pruning.gcp import correct_to_measured
 
     space = make_space()
     cost = FlopsCost(space)
@@ -236,7 +236,7 @@ class Staircase:
         return (W * (1 + 0.5 * off_step)).sum(axis=1)
 
     def marginal(self, config, step=1):
-        from hwprune.cost import _Base
+        from hwprune.pruning.objectives import _Base
 
         return _Base.marginal(self, config, step)
 
@@ -245,7 +245,7 @@ class Staircase:
 
 
 def test_channel_costs_survive_a_staircase_where_one_channel_costs_time():
-    from hwprune.gcp import _channel_costs
+    from hwprune.pruning.gcp import _channel_costs
 
     space = make_space()
     cost = Staircase(space)
@@ -278,7 +278,7 @@ def test_recover_modes_train_the_convolutions_only_when_asked():
 
 
 def test_channels_given_back_by_the_correction_are_not_dead():
-    from hwprune.gcp import materialize
+    from hwprune.pruning.gcp import materialize
 
     space = make_space()
     _, res = gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
@@ -297,8 +297,8 @@ def test_channels_given_back_by_the_correction_are_not_dead():
 def test_restoring_gives_back_the_most_bn_scale_per_unit_cost():
     """With equal BN scales everywhere, the channels given back first are the cheapest ones, not
     those of the coupled residual groups (whose scales sum over several BNs)."""
-    from hwprune.gcp import _add_back_cost, correct_to_measured
-    from hwprune.space import WidthConfig
+    from hwprune.pruning.gcp import _add_back_cost, correct_to_measured
+    from hwprune.pruning.space import WidthConfig
 
     space = make_space()
     cost = FlopsCost(space)
@@ -381,7 +381,7 @@ def test_coupled_and_single_groups_are_scored_on_one_scale():
 
 
 def test_bn_scales_are_refreshed_after_every_recovery(monkeypatch):
-    import hwprune.gcp as G
+    import hwprune.pruning.gcp as G
 
     space = make_space()
     x, new = "layer2.1.conv1", torch.linspace(2.0, 0.1, 32)
@@ -438,8 +438,8 @@ def random_scores(space, seed=0):
 
 
 def test_device_correction_moves_whole_units_of_a_grouped_space():
-    from hwprune.gcp import correct_to_measured
-    from hwprune.importance import keep_indices
+    from hwprune.pruning.gcp import correct_to_measured
+    from hwprune.pruning.importance import keep_indices
 
     space = grouped_space()
     cost = FlopsCost(space)
@@ -460,7 +460,7 @@ def test_device_correction_moves_whole_units_of_a_grouped_space():
 
 
 def test_device_correction_without_prior_ranks_by_the_scores():
-    from hwprune.gcp import correct_to_measured
+    from hwprune.pruning.gcp import correct_to_measured
 
     space = make_space()
     cost = FlopsCost(space)

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from hwprune.measure import (MeasureConfig, Measurement, Stats, collect_pair, measure, measure_pair, median_session,
+from hwprune.profiling.measure import (MeasureConfig, Measurement, Stats, collect_pair, measure, measure_pair, median_session,
                              robust_cov)
 
 

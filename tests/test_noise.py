@@ -8,7 +8,7 @@ import time
 import pytest
 
 from hwprune.errors import HwpruneError
-from hwprune.noise import PATTERNS, NoisePattern, NoisyNeighbour, get_pattern
+from hwprune.bench.noise import PATTERNS, NoisePattern, NoisyNeighbour, get_pattern
 
 
 def _alive(pid: int) -> bool:
@@ -68,7 +68,7 @@ def test_neighbour_stops_when_the_body_raises():
 
 
 def test_neighbour_dies_with_a_killed_parent(tmp_path):
-    script = ("import time, sys\nfrom hwprune.noise import NoisyNeighbour\n"
+    script = ("import time, sys\nfrom hwprune.bench.noise import NoisyNeighbour\n"
               "h = NoisyNeighbour('cpu').start()\nprint(h.pid, flush=True)\ntime.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())

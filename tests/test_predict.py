@@ -9,10 +9,10 @@ from sklearn.base import clone
 
 from conftest import OVERHEAD_MS, run_cli, run_cli_here, script_e2e, scripted_ort
 from hwprune.errors import HwpruneError, TableMismatch
-from hwprune.predict import LatencyPredictor, ModelTemplate, cross_validate_e2e
-from hwprune.profiler import profile
-from hwprune.space import PruningSpace
-from hwprune.table import LatencyTable
+from hwprune.prediction.predictor import LatencyPredictor, ModelTemplate, cross_validate_e2e
+from hwprune.profiling.profiler import profile
+from hwprune.pruning.space import PruningSpace
+from hwprune.profiling.table import LatencyTable
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_bulk_prediction_uses_every_core_and_predicts_the_same(predictor, space,
 
     from sklearn.ensemble import ExtraTreesRegressor
 
-    import hwprune.predict as hp
+    import hwprune.prediction.predictor as hp
 
     configs = [space.sample(random.Random(3)) for _ in range(6)]
     few = predictor.predict("cifar_resnet20", configs)
@@ -148,7 +148,7 @@ def test_sklearn_conventions(predictor):
 
 
 def test_saved_and_loaded_without_refitting(predictor, table_path, tmp_path, space):
-    path = predictor.save(tmp_path / "p.predictor.zip", table_path)  # hwprune.artifact: no pickle
+    path = predictor.save(tmp_path / "p.predictor.zip", table_path)  # hwprune.prediction.artifact: no pickle
     back = LatencyPredictor.load(path, table_path)
     cfgs = [space.uniform(0.5), space.full()]
     assert np.array_equal(back.predict("cifar_resnet20", cfgs), predictor.predict("cifar_resnet20", cfgs))
@@ -212,8 +212,8 @@ def test_cli_widths_predict_validate(table_path, tmp_path):
 
 def _script_validation_timings(monkeypatch, timing):
     """Make validation's backend time every model at ``timing(artifact)`` ms (nothing runs)."""
-    import hwprune.validate as hv
-    from hwprune.backends import create_backend as real_create
+    import hwprune.prediction.validate as hv
+    from hwprune.profiling.backends import create_backend as real_create
 
     monkeypatch.setattr(hv, "create_backend", lambda *a, **k: script_e2e(real_create(*a, **k), timing))
     return hv
@@ -221,7 +221,7 @@ def _script_validation_timings(monkeypatch, timing):
 
 def test_gated_validation_counts_only_fast_sessions(table, predictor, monkeypatch):
     """Scripted host: the second reference timing is 3x slow and the session after it reads 100 ms."""
-    from hwprune.measure import MeasureConfig
+    from hwprune.profiling.measure import MeasureConfig
 
     flip = {"n": 0}
 
@@ -258,7 +258,7 @@ def test_slow_state_configurations_are_left_out_while_enough_others_remain(table
 def test_gated_validation_reports_host_drift_against_the_table(table, predictor, monkeypatch):
     """The table's probes of the unpruned model read 0.5 ms; this run's read 1.0 ms: the host runs
     2x slower than when it was profiled, and the drift-corrected metrics double every prediction."""
-    from hwprune.measure import MeasureConfig
+    from hwprune.profiling.measure import MeasureConfig
 
     rows = table.rows.copy()
     rows["state_ref_ms"], rows["state_ok"] = 0.5, True
@@ -281,10 +281,10 @@ def test_paired_validation_predicts_latency_relative_to_the_unpruned_model(table
     every pruned session at 0.5 ms and its reference at 2.0 ms: the measured ratio is 0.25
     whatever the host's speed, and the relative error compares it with predicted / predicted
     unpruned."""
-    from hwprune.measure import MeasureConfig
+    from hwprune.profiling.measure import MeasureConfig
 
-    import hwprune.validate as hv
-    from hwprune.backends import create_backend as real_create
+    import hwprune.prediction.validate as hv
+    from hwprune.profiling.backends import create_backend as real_create
 
     pairs = []
 
@@ -325,7 +325,7 @@ def test_paired_validation_predicts_latency_relative_to_the_unpruned_model(table
 
 def test_repeatability_compares_each_session_with_the_others():
     """Sessions of 1.00, 1.02 and 1.20 ms: each is compared with the median of the other two."""
-    from hwprune.validate import ValidationSample, repeatability
+    from hwprune.prediction.validate import ValidationSample, repeatability
 
     s = ValidationSample("m", {}, 1.0, 1.02, 0.2, False, [1.0, 1.02, 1.2])
     r = repeatability([s])
@@ -341,7 +341,7 @@ def test_nodes_after_a_layer_are_charged_to_it():
     reorder, an unfused Add) is that layer's cost; nothing runs before the first layer."""
     import pandas as pd
 
-    from hwprune.predict import _attribute
+    from hwprune.prediction.predictor import _attribute
 
     rows = pd.DataFrame({
         "layer": ["", "conv1", "", "block.avgpool", "fc1", "", "block", "conv2"],
@@ -403,7 +403,7 @@ def test_kernels_and_extras_are_learnt_apart_and_add_up(table, predictor):
     item = sums["item"].iloc[0]
     tpl = fits["cifar_resnet20"].template
     rows = table.rows[(table.rows["item"] == item) & (table.rows["source"] == "insitu")]
-    from hwprune.predict import _attribute
+    from hwprune.prediction.predictor import _attribute
 
     att = _attribute(rows, set(tpl.layer_names))
     charged = (rows["median_ms"] - predictor.node_overhead_ms_).clip(lower=1e-4)[att.notna()].sum()
@@ -433,7 +433,7 @@ def test_layers_below_the_tables_range_are_predicted_smaller(table, space):
     smaller, not at the table's smallest time (as it is when log time itself is learnt)."""
     from sklearn.ensemble import ExtraTreesRegressor
 
-    from hwprune.predict import KERNEL_FLOPS_COL, _kernel_ms, _kernel_target, layer_features
+    from hwprune.prediction.predictor import KERNEL_FLOPS_COL, _kernel_ms, _kernel_target, layer_features
 
     def shapes(channels):  # blocked convolutions at 16x16, every cin/cout pair
         cin, cout = (a.ravel() for a in np.meshgrid(channels, channels))
@@ -456,8 +456,8 @@ def test_layers_below_the_tables_range_are_predicted_smaller(table, space):
 
 def _scripted_host(monkeypatch, table, factor):
     """hostcheck's backend times every unpruned model at ``factor`` x the table's time of it."""
-    import hwprune.hostcheck as hc
-    from hwprune.backends import create_backend as real_create
+    import hwprune.profiling.table_check as hc
+    from hwprune.profiling.backends import create_backend as real_create
 
     times = []
 
@@ -472,7 +472,7 @@ def _scripted_host(monkeypatch, table, factor):
 
 @pytest.mark.parametrize("factor, matches", [(1.03, True), (1.9, False), (0.5, False)])
 def test_host_check_compares_the_unpruned_model_now_with_the_table(table, monkeypatch, factor, matches):
-    from hwprune.measure import MeasureConfig
+    from hwprune.profiling.measure import MeasureConfig
 
     hc, times = _scripted_host(monkeypatch, table, factor)
     res = hc.check_host(table, sessions=2, tolerance=0.05, measure=MeasureConfig.quick())

@@ -18,10 +18,10 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from conftest import run_cli
-from hwprune import artifact
+from hwprune.prediction import artifact
 from hwprune.errors import HwpruneError
-from hwprune.predict import FEATURE_VERSION, LatencyPredictor
-from hwprune.table import LatencyTable
+from hwprune.prediction.predictor import FEATURE_VERSION, LatencyPredictor
+from hwprune.profiling.table import LatencyTable
 
 SHIPPED = Path(__file__).resolve().parents[1] / "latency_tables" / "onnxruntime-cpu-t2-b1" / "cifar_resnet20.parquet"
 MODEL = "cifar_resnet20"

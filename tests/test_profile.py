@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 
 from conftest import measured, run_cli, run_cli_here, script_e2e, scripted_ort
-from hwprune.backends import ModelArtifact, create_backend
+from hwprune.profiling.backends import ModelArtifact, create_backend
 from hwprune.errors import BackendUnavailable, TableError, TableMismatch
-from hwprune.export import export_onnx
-from hwprune.profiler import profile
-from hwprune.table import LatencyTable, TableMeta
-from hwprune.units import UnitSpec
+from hwprune.profiling.onnx_export import export_onnx
+from hwprune.profiling.profiler import profile
+from hwprune.profiling.table import LatencyTable, TableMeta
+from hwprune.profiling.rows import UnitSpec
 
 
 class ConvBnReluAdd(nn.Module):
@@ -108,7 +108,7 @@ def test_profiler_overhead_is_reported_minus_real_time_per_node(monkeypatch):
     never less than nothing."""
     import hwprune.device.ort_runner as orr
     from hwprune.device.ort_runner import NodeRecord
-    from hwprune.measure import Stats
+    from hwprune.profiling.measure import Stats
 
     end_to_end = {"short": 0.1, "long": 0.9}
     reported = {"short": 20, "long": 220}  # nodes, 5 us each
@@ -129,7 +129,7 @@ def test_probe_chains_on_onnxruntime(tmp_path, ort):
     """The real probe: every node of a chain is executed (nothing fused away), the longer chain runs
     longer, and the overhead is a small non-negative time per node."""
     from hwprune.device.ort_runner import profile_model, time_model
-    from hwprune.units import CHAIN_LENGTHS, chain_onnx
+    from hwprune.profiling.rows import CHAIN_LENGTHS, chain_onnx
 
     short, long = (chain_onnx(tmp_path / f"c{n}.onnx", n) for n in CHAIN_LENGTHS)
     assert len(profile_model(long, ort.ort, ort.measure_cfg)) == CHAIN_LENGTHS[1]
@@ -153,9 +153,9 @@ def test_resume_measures_the_overhead_an_older_table_lacks(tmp_path, quick):
 
 
 def test_table_round_trip_and_mismatch(tmp_path):
-    from hwprune.measure import Stats
-    from hwprune.table import unit_row
-    from hwprune.units import UnitKey
+    from hwprune.profiling.measure import Stats
+    from hwprune.profiling.table import unit_row
+    from hwprune.profiling.rows import UnitKey
 
     st = Stats.from_samples([1.0, 1.1, 0.9])
     row = unit_row(UnitKey("Conv", 8, 8, 3, 3), st, source="micro", item="m/full", model="m", config="full")
@@ -281,7 +281,7 @@ def test_devices_json():
 def test_cpu_id_reads_below_the_marketing_name():
     """A VM's "AMD EPYC" says nothing of its generation; family/model/stepping do (x86), and
     implementer/part/revision on ARM. Text without either gives an empty id."""
-    from hwprune.fingerprint import cpu_id
+    from hwprune.profiling.fingerprint import cpu_id
 
     x86 = "model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nstepping\t: 1\nmicrocode\t: 0x1000065\n"
     assert cpu_id(x86) == "family 25 model 17 stepping 1 microcode 0x1000065"
@@ -377,7 +377,7 @@ def test_gated_profile_remeasures_a_configuration_timed_while_the_host_was_slow(
 def test_gated_profile_last_pass_remeasures_what_was_timed_before_the_host_sped_up(tmp_path, quick):
     """Both probes around the first configuration read 3 ms: it looks fine until the 1 ms probes
     of the next configuration, and the last pass measures it again."""
-    from hwprune.profiler import ProfilePlan, Profiler
+    from hwprune.profiling.profiler import ProfilePlan, Profiler
 
     be = _scripted_host(quick, [3.0, 3.0])
     plan = ProfilePlan(models=("cifar_resnet20",), input_size=16, configs=3, micro_per_config=1)
@@ -392,7 +392,7 @@ def test_gated_profile_last_pass_remeasures_what_was_timed_before_the_host_sped_
 def test_gate_budget_bounds_the_re_measurement_on_a_host_that_stays_slow(tmp_path, quick):
     """With no budget left, a slow-state configuration is measured once and kept, marked
     state_ok=False, and the last pass does not run; with a budget, the same run re-measures it."""
-    from hwprune.profiler import ProfilePlan, Profiler
+    from hwprune.profiling.profiler import ProfilePlan, Profiler
 
     plan = ProfilePlan(models=("cifar_resnet20",), input_size=16, configs=3, micro_per_config=0)
     spent = Profiler(_scripted_host(quick, [3.0, 3.0]), plan, tmp_path / "b0.parquet", gate=0.5,

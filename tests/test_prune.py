@@ -10,14 +10,14 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import params_ms, run_cli, run_cli_here, script_the_meter, scripted_ort
-from hwprune.checkpoint import Checkpoint
-from hwprune.cost import FlopsCost, MemoryCost, ParamsCost, objective
+from hwprune.training.checkpoint import Checkpoint
+from hwprune.pruning.objectives import FlopsCost, MemoryCost, ParamsCost, objective
 from hwprune.errors import HwpruneError
-from hwprune.export import export_onnx
-from hwprune.importance import CRITERIA, channel_importance, keep_indices
+from hwprune.profiling.onnx_export import export_onnx
+from hwprune.pruning.importance import CRITERIA, channel_importance, keep_indices
 from hwprune.models import ModelSpec, create_model
-from hwprune.prune import prune_widths, round_to_staircase, search_global, search_uniform
-from hwprune.space import PruningSpace, WidthConfig
+from hwprune.pruning.widths import prune_widths, round_to_staircase, search_global, search_uniform
+from hwprune.pruning.space import PruningSpace, WidthConfig
 
 MODELS = {  # name -> input size used in the tests (small, to stay fast)
     "cifar_resnet20": 32, "cifar_mobilenet_v2": 32, "cifar_vgg16_bn": 32, "resnet18": 64, "mobilenet_v3_small": 64,
@@ -217,7 +217,7 @@ def test_cli_prune_meets_a_measured_latency_target(tmp_path, quick, monkeypatch)
     lowered until it is met."""
     from types import SimpleNamespace
 
-    from hwprune.profiler import profile
+    from hwprune.profiling.profiler import profile
 
     table = tmp_path / "r20.parquet"
     profile("cifar_resnet20", table, scripted_ort(measure=quick), configs=10, micro_per_config=0)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import run_cli
-from hwprune.checkpoint import Checkpoint
-from hwprune.cli_quickstart import BASE_CK, SAMPLE
+from hwprune.training.checkpoint import Checkpoint
+from hwprune.cli.quickstart import BASE_CK, SAMPLE
 
 
 def test_assets_ship_with_the_package():
@@ -18,7 +18,7 @@ def test_assets_ship_with_the_package():
 def _tiny_sample(root):
     """30 training and 10 test images per class of the shipped sample: enough for GCP's batches of
     128 and a held-out split."""
-    from hwprune.data import load_dataset, save_npz_sample
+    from hwprune.training.data import load_dataset, save_npz_sample
 
     for split, per_class in (("train", 30), ("test", 10)):
         save_npz_sample(load_dataset(SAMPLE, split), root / f"{split}.npz", per_class=per_class)

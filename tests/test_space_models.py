@@ -10,14 +10,14 @@ import torch.nn as nn
 import torchvision
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hwprune.cost import FlopsCost, ParamsCost
+from hwprune.pruning.objectives import FlopsCost, ParamsCost
 from hwprune.errors import HwpruneError
-from hwprune.export import export_onnx
-from hwprune.importance import keep_indices
+from hwprune.profiling.onnx_export import export_onnx
+from hwprune.pruning.importance import keep_indices
 from hwprune.models import create_model, list_models
-from hwprune.prune import prune_widths, round_to_staircase, search_global, search_uniform
-from hwprune.space import PruningSpace, WidthConfig, is_depthwise
-from hwprune.template import ModelTemplate, unblocked
+from hwprune.pruning.widths import prune_widths, round_to_staircase, search_global, search_uniform
+from hwprune.pruning.space import PruningSpace, WidthConfig, is_depthwise
+from hwprune.profiling.layer_shapes import ModelTemplate, unblocked
 
 
 @pytest.mark.parametrize("name,shape", [("cifar_resnet20", (3, 32, 32)), ("cifar_resnet56", (3, 32, 32)),
@@ -361,8 +361,8 @@ def test_grouped_family_profiles_and_predicts(tmp_path, quick):
     """A grouped family through the whole latency path: profiled (scripted timings, real ONNX Runtime
     graph), fitted, and predicted at valid pruned widths."""
     from conftest import scripted_ort
-    from hwprune.predict import LatencyPredictor
-    from hwprune.profiler import profile
+    from hwprune.prediction.predictor import LatencyPredictor
+    from hwprune.profiling.profiler import profile
 
     path = tmp_path / "regnet.parquet"
     table = profile("regnet_x_400mf", path, scripted_ort(measure=quick), configs=12, micro_per_config=0,

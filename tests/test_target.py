@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import params_ms, run_cli_here, script_the_meter, scripted_ort
-from hwprune.checkpoint import Checkpoint
+from hwprune.training.checkpoint import Checkpoint
 from hwprune.errors import HwpruneError
-from hwprune.methods import METHODS, get_method
+from hwprune.pruning.methods import METHODS, get_method
 from hwprune.models import create_model
-from hwprune.target import DeviceOptions, prune_to_target
+from hwprune.pruning.target import DeviceOptions, prune_to_target
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory, quick):
-    from hwprune.profiler import profile
+    from hwprune.profiling.profiler import profile
 
     path = tmp_path_factory.mktemp("table") / "r20.parquet"
     profile("cifar_resnet20", path, scripted_ort(measure=quick), configs=10, micro_per_config=0)

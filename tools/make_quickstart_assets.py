@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=200)
     a = ap.parse_args()
 
-    from hwprune.data import load_splits
+    from hwprune.training.data import load_splits
 
     sample = ASSETS / "cifar10-sample"
     sample.mkdir(parents=True, exist_ok=True)
@@ -57,8 +57,8 @@ def main() -> None:
     for f in sorted(sample.iterdir()):
         print(f"wrote {f.relative_to(ROOT)} ({f.stat().st_size / 1e6:.2f} MB)")
     if a.checkpoint is not None:
-        from hwprune.checkpoint import Checkpoint
-        from hwprune.train import evaluate
+        from hwprune.training.checkpoint import Checkpoint
+        from hwprune.training.train import evaluate
 
         ck = Checkpoint.load(a.checkpoint)
         if ck.arch != "cifar_resnet20" or ck.widths:

@@ -9,6 +9,6 @@ The host writes BUNDLE with ``hwprune bundle``; the device writes ``BUNDLE/resul
 the host turns them into a table with ``hwprune import BUNDLE --out table.parquet``.
 """
 
-from .run import main, run_bundle
+from hwprune.device.run import main, run_bundle
 
 __all__ = ["main", "run_bundle"]

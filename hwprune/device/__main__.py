@@ -1,3 +1,3 @@
-from . import main
+from hwprune.device import main
 
 main()

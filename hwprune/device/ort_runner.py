@@ -5,7 +5,7 @@ device runs it through ``python -m hwprune.device run BUNDLE`` with only onnxrun
 numpy installed. Two runs per model, never mixed:
 
 * :func:`time_model` creates a plain session (timed as set-up), times the first run
-  apart, then follows the protocol of :mod:`hwprune.measure`;
+  apart, then follows the protocol of :mod:`hwprune.profiling.measure`;
 * :func:`profile_model` creates a separate session with ``enable_profiling`` and the
   optimised graph written to disk, runs it, and returns per-node samples read from the
   runtime's own profile (``*_kernel_time`` events), warm-up runs dropped.
@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..measure import MeasureConfig, Measurement, Stats, collect, measure, measure_pair, time_once
+from hwprune.profiling.measure import MeasureConfig, Measurement, Stats, collect, measure, measure_pair, time_once
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def time_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConfig)
 def time_pair(onnx_path: str | Path, reference_path: str | Path, settings: OrtSettings,
               cfg: MeasureConfig) -> tuple[Measurement, Measurement]:
     """End-to-end latency of a model and a reference, each in a fresh session, timed in
-    alternating chunks in the same window (:func:`hwprune.measure.measure_pair`)."""
+    alternating chunks in the same window (:func:`hwprune.profiling.measure.measure_pair`)."""
     so = _session_options(settings)
     a, b = (_timed_session(p, so, settings) for p in (onnx_path, reference_path))
     pair = measure_pair(a[0], b[0], cfg)

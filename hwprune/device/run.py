@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..fingerprint import fingerprint
-from ..io import atomic_write_text
-from ..measure import REFERENCE_SESSIONS, MeasureConfig, median_session
-from .ort_runner import OrtSettings, node_overhead_ms, ort_version, profile_model, time_model
+from hwprune.profiling.fingerprint import fingerprint
+from hwprune.atomic import atomic_write_text
+from hwprune.profiling.measure import REFERENCE_SESSIONS, MeasureConfig, median_session
+from hwprune.device.ort_runner import OrtSettings, node_overhead_ms, ort_version, profile_model, time_model
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "hwprune.bundle/1"

@@ -13,9 +13,9 @@ Every torchvision classification model is available under its torchvision name
 
 from __future__ import annotations
 
-from ._registry import ModelSpec, create_model, is_model, list_models, register_model
-from . import cifar  # noqa: F401  (registers the cifar_* models)
-from .shufflenet import TP_PRUNERS as _SHUFFLE_PRUNERS, ChannelShuffle
+from hwprune.models._registry import ModelSpec, create_model, is_model, list_models, register_model
+from hwprune.models import cifar  # noqa: F401  (registers the cifar_* models)
+from hwprune.models.shufflenet import TP_PRUNERS as _SHUFFLE_PRUNERS, ChannelShuffle
 
 #: Modules whose channels no pruning may change: channel groups that reach one stay whole.
 FIXED_CHANNEL_TYPES = (ChannelShuffle,)

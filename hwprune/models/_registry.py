@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from ..errors import HwpruneError
+from hwprune.errors import HwpruneError
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[int, int, int], int]] = {}
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.mobilenetv2 import MobileNetV2
 
-from ._registry import register_model
+from hwprune.models._registry import register_model
 
 
 class BasicBlock(nn.Module):

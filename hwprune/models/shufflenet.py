@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torchvision.models import shufflenetv2 as tv_shufflenet
 
-from ._registry import register_model
+from hwprune.models._registry import register_model
 
 
 class ChannelShuffle(nn.Module):

@@ -1,7 +1,0 @@
-"""Measurement backends: ONNX Runtime (CPU), PyTorch (CPU, CUDA) and TensorRT."""
-
-from .base import (Backend, LayerTiming, ModelArtifact, backend_names, create_backend, get_backend_class,
-                   register_backend)
-
-__all__ = ["Backend", "LayerTiming", "ModelArtifact", "backend_names", "create_backend", "get_backend_class",
-           "register_backend"]

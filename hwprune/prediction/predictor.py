@@ -1,0 +1,703 @@
+"""Predict latency from a device's table.
+
+A table samples the width space; :class:`LatencyPredictor` generalises from it to any
+width configuration of the models it covers.
+
+How a prediction is made:
+
+* A :class:`ModelTemplate` lists a model's convolution and linear layers with their
+  shapes written as functions of the width configuration (which group sets each layer's
+  input and output channels). Shapes of thousands of configurations are computed at once
+  with numpy, without building a single module.
+* Each layer's time is predicted by a scikit-learn regressor chosen per unit kind
+  (convolution, depthwise convolution, linear) by grouped cross-validation. Features come
+  from the layer's shape: channels, kernel, stride, spatial size, batch, and derived
+  quantities (FLOPs, bytes moved, channels rounded up to the SIMD block, channel counts
+  modulo 4/8/16/32) so that latency staircases can be learnt. Modulo 4 matters on ONNX
+  Runtime's x86 CPU provider: a convolution with 16 or more input channels that are not a
+  multiple of 4 (depthwise: any channel count not a multiple of 4) stays in NCHW (im2col +
+  GEMM, or the plain depthwise kernel) instead of the blocked NCHWc kernels, with reorders
+  around it. In the 1-thread mobilenet_v2 table these NCHW convolutions took 44% of the
+  model's time.
+* The training target of a layer is what the runtime executed for it in situ, in two
+  parts with a regressor each. Its own kernel (log target, regressor chosen by grouped
+  cross-validation); and its *extras*: the layout reorders around it, any element-wise
+  node that was *not* fused into it, and the poolings and activations that run on its
+  output before the next layer (time target, squared loss). Whether extras run at all is
+  decided by the layer's neighbours, not by its own shape: one convolution that falls back
+  to NCHW keeps its whole residual stream in NCHW, so every layer writing or reading that
+  stream pays reorders and unfused Adds. The features count those neighbours
+  (:meth:`ModelTemplate.layout_context`); learnt apart from the kernel, that context is
+  the whole signal of the extras rather than a few per cent of the layer's time.
+* A model's latency is the sum of its layers, mapped to the measured end-to-end time by a
+  per-model overhead term fitted on the table's ``e2e`` rows (the gap covers un-modelled
+  nodes, launch gaps and the profiler's own cost): a power law of the out-of-fold
+  predicted layer sums by default (see :meth:`LatencyPredictor.fit`).
+
+A fitted predictor is saved as an artifact without pickles (:mod:`hwprune.prediction.artifact`):
+commands given ``--table`` load it from ``--predictor`` or from the cache beside the table
+instead of fitting again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from hwprune.errors import HwpruneError, TableMismatch
+from hwprune.pruning.space import PruningSpace, WidthConfig
+from hwprune.profiling.table import LatencyTable
+from hwprune.profiling.layer_shapes import ModelTemplate, unblocked
+
+#: unit kinds, which are also the table row kinds of a layer's own kernel (every other row
+#: charged to a layer is one of its extras)
+KINDS = ("conv", "dwconv", "linear")
+#: feature rows from which a prediction uses every core
+BULK_ROWS = 100_000
+
+
+# ---------------------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------------------
+FEATURE_NAMES = ["batch", "cin", "cout", "kh", "stride", "h", "oh", "log_flops", "log_padded_flops", "log_in_bytes",
+                 "log_out_bytes", "log_w_bytes", "cin_mod8", "cout_mod8", "cin_mod16", "cout_mod16", "cin_mod32",
+                 "cout_mod32", "cin16", "cout16", "cin_small", "prod_cin_mod16", "prod_cin_small", "residual_out",
+                 "cin_mod4", "cout_mod4", "prod_cin_mod4", "prod_unblocked", "peer_unblocked",
+                 "unblocked", "log_kernel_flops"]
+#: Version of what a fitted predictor means: the features above, the targets, the template's
+#: layer context and the fitted attributes. Change it with any of them: saved predictors
+#: (:mod:`hwprune.prediction.artifact`) of another version are refused, and cached ones refitted.
+FEATURE_VERSION = 2
+
+
+def _ceil(a: np.ndarray, m: int) -> np.ndarray:
+    return (a + m - 1) // m * m
+
+
+def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0, residual=0, prod_unblocked=0,
+                   peer_unblocked=0, groups=1) -> np.ndarray:
+    """Feature matrix of layers (all arguments broadcast to 1-D arrays).
+
+    ``prod_cin`` is the input channel count of the layer that produces this layer's input
+    (0 for the network input): it decides the producer's kernel and so the layout this
+    layer receives. ``residual`` is 1 for layers whose output is summed with a skip
+    connection (the runtime may fuse that Add into them). ``prod_unblocked`` and
+    ``peer_unblocked`` count the layers producing this layer's input, and the other layers
+    writing its output's channel group, that run outside the blocked layout
+    (:meth:`ModelTemplate.layout_context`): they decide the reorders and unfused Adds
+    around this layer. ``groups`` is the number of conv groups of a grouped convolution
+    (1 for dense layers; depthwise ones are their own kind): it enters through the FLOPs,
+    the weight bytes and the blocked-layout rule, so dense layers' features do not change.
+    """
+    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu, g = (
+        np.atleast_1d(np.asarray(a, dtype=np.float64))
+        for a in (batch, cin, cout, kh, kw, stride, h, w, prod_cin, residual, prod_unblocked, peer_unblocked, groups))
+    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu, g = np.broadcast_arrays(b, cin, cout, kh, kw, s, h, w, pc, res,
+                                                                             pu, qu, g)
+    oh, ow = (h - 1) // s + 1, (w - 1) // s + 1
+    cin_per_group = np.ones_like(cin) if kind == "dwconv" else cin / g
+    flops = b * oh * ow * cout * cin_per_group * kh * kw
+    c16i, c16o = _ceil(cin, 16), _ceil(cout, 16)
+    padded = b * oh * ow * c16o * (np.ones_like(cin) if kind == "dwconv" else _ceil(cin_per_group, 16)) * kh * kw
+    # blocked kernels compute on channels padded to the SIMD block; the NCHW fallback does not
+    nb = (unblocked(kind == "dwconv", cin, g, cout) if kind != "linear"
+          else np.zeros_like(cin, dtype=bool)).astype(np.float64)
+    in_bytes = 4 * b * cin * h * w
+    out_bytes = 4 * b * cout * oh * ow
+    w_bytes = 4 * cout * cin_per_group * kh * kw
+    # the last column is log kernel FLOPs (KERNEL_FLOPS_COL): the kernel target is taken per FLOP
+    cols = [b, cin, cout, kh, s, h, oh, np.log(flops), np.log(padded), np.log(in_bytes), np.log(out_bytes),
+            np.log(w_bytes), cin % 8, cout % 8, cin % 16, cout % 16, cin % 32, cout % 32, c16i, c16o,
+            (cin < 16).astype(np.float64), pc % 16, (pc < 16).astype(np.float64), res, cin % 4, cout % 4, pc % 4,
+            pu, qu, nb, np.log(np.where(nb > 0, flops, padded))]
+    return np.stack(cols, axis=1)
+
+
+#: The kernel regressors learn log(time per kernel FLOP), not log(time) (the default of
+#: ``LatencyPredictor(flop_exponent=...)``; 0 gives back the log-time target): a tree predicts a
+#: constant beyond the table's range, and on this target the constant is a cost per FLOP,
+#: so a layer smaller than any the table holds is predicted smaller too instead of at the
+#: smallest table layer's time (mobilenet_v2's early depthwise layers, pruned below the
+#: table's range, were predicted 1.5-2.7x too slow). Chosen on table cross-validation:
+#: within ±5% 72.9% -> 76.2% (batch 1), 74.4% -> 75.6% (batch 8), 55.0% -> 62.5% (held-out
+#: families); half the FLOP exponent scored between the two.
+FLOP_EXPONENT = 1.0
+KERNEL_FLOPS_COL = -1  # log kernel FLOPs in layer_features
+
+
+def _kernel_target(X: np.ndarray, y: np.ndarray, exponent: float) -> np.ndarray:
+    """What the kernel regressors learn from feature rows ``X`` and kernel times ``y`` (ms):
+    log(time / kernel FLOPs ** exponent)."""
+    return np.log(y) - exponent * X[:, KERNEL_FLOPS_COL]
+
+
+def _kernel_ms(est, X: np.ndarray, exponent: float) -> np.ndarray:
+    """Kernel times (ms) from a regressor fitted on :func:`_kernel_target` with ``exponent``."""
+    return np.exp(est.predict(X) + exponent * X[:, KERNEL_FLOPS_COL])
+
+
+# ---------------------------------------------------------------------------------------
+# Training data from a table
+# ---------------------------------------------------------------------------------------
+def _attribute(rows: pd.DataFrame, layer_names: set[str]) -> pd.Series:
+    """Give every in-situ node the template layer it belongs to (execution order kept).
+
+    Conv/linear kernels and reorders already name their layer. Every other node the
+    runtime executed (an activation or residual Add it did not fuse, a fused activation of
+    its own such as QuickGelu for SiLU, a pooling, a reorder, a reshape) is charged to the
+    closest preceding template layer of the same run: its input is that layer's output, so
+    that layer's shape features describe its cost. Nodes before the first layer are left out.
+    """
+    out = []
+    current = None
+    for layer in rows["layer"]:
+        if layer in layer_names:
+            current = layer
+        out.append(current)
+    return pd.Series(out, index=rows.index)
+
+
+@dataclass
+class TrainingSet:
+    X: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]  # milliseconds: the layer's own kernel
+    groups: dict[str, np.ndarray]  # configuration of each row (for grouped validation)
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]]  # per-feature min/max per kind
+    #: milliseconds of the other nodes charged to the layer (reorders, unfused Adds, poolings)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class _ModelFit:
+    """A model's template and the map from its summed layer times to end-to-end time:
+    ``slope * sum + intercept``, or ``exp(intercept) * sum ** slope`` when ``log``."""
+
+    template: ModelTemplate
+    slope: float = 1.0
+    intercept: float = 0.0
+    log: bool = False
+
+    def __call__(self, layer_sum):
+        if self.log:
+            return np.exp(self.intercept) * np.power(np.maximum(layer_sum, 1e-9), self.slope)
+        return self.slope * layer_sum + self.intercept
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration: summed layer times -> end-to-end time, per model
+# ---------------------------------------------------------------------------------------
+CALIBRATIONS = ("auto", "cross-fitted", "measured")
+
+
+def _calibrate(kind: str, measured: np.ndarray, oof: np.ndarray, e2e: np.ndarray) -> tuple[float, float, bool]:
+    """(slope, intercept, log) of one map: a power law on out-of-fold predicted sums, or a
+    line on measured sums."""
+    if kind == "cross-fitted":
+        A = np.stack([np.log(oof), np.ones(len(oof))], axis=1)
+        a, b = np.linalg.lstsq(A, np.log(e2e), rcond=None)[0]
+        return float(a), float(b), True
+    A = np.stack([measured, np.ones(len(measured))], axis=1)
+    a, b = np.linalg.lstsq(A, e2e, rcond=None)[0]
+    return float(a), float(b), False
+
+
+def _calibration_loo(kind: str, measured: np.ndarray, oof: np.ndarray, e2e: np.ndarray) -> float:
+    """Leave-one-configuration-out RMSPE of a map, applied as at prediction time: to the
+    held-out configuration's out-of-fold predicted sum."""
+    err = []
+    for i in range(len(e2e)):
+        m = np.arange(len(e2e)) != i
+        f = _ModelFit(None, *_calibrate(kind, measured[m], oof[m], e2e[m]))
+        err.append(float(f(oof[i])) / e2e[i] - 1)
+    return float(np.sqrt(np.mean(np.square(err))))
+
+
+# ---------------------------------------------------------------------------------------
+# Extras: the nodes around a layer's kernel
+# ---------------------------------------------------------------------------------------
+class _Extras:
+    """Milliseconds of the nodes the runtime runs around a layer's kernel: layout reorders,
+    an Add or activation it did not fuse, a pooling on its output.
+
+    Whether they run at all is decided by the layer's neighbours (a single unblocked writer
+    keeps a residual stream in NCHW), not by its own shape, so they get a regressor of their
+    own, with the neighbours' layout counts among the features. Learnt apart from the
+    kernel, the context is the whole signal rather than a few per cent of it. The target is
+    the time itself, with a squared loss: its conditional mean is what a model's sum
+    needs, where a log target would predict the geometric mean of "none" and "some" and
+    fall well short of it.
+    """
+
+    def __init__(self, seed: int):
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        self.est = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, max_leaf_nodes=31,
+                                                 min_samples_leaf=8, random_state=seed)
+
+    def fit(self, X: np.ndarray, extra_ms: np.ndarray) -> "_Extras":
+        self.est.fit(X, extra_ms)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.maximum(self.est.predict(X), 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# The predictor
+# ---------------------------------------------------------------------------------------
+@contextmanager
+def _every_core(est, on: bool):
+    """Let a forest predict on every core while ``on`` (its trees are fitted with one job:
+    OpenMP limits do not reach joblib). The predictions are the same either way."""
+    if not on or getattr(est, "n_jobs", None) is None:
+        yield
+        return
+    old = est.n_jobs
+    est.n_jobs = -1
+    try:
+        yield
+    finally:
+        est.n_jobs = old
+
+
+def _candidates(seed: int) -> dict[str, object]:
+    from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor
+
+    return {
+        "hgb": HistGradientBoostingRegressor(max_iter=400, learning_rate=0.08, max_leaf_nodes=31,
+                                             min_samples_leaf=4, l2_regularization=1e-3, random_state=seed),
+        "hgb_deep": HistGradientBoostingRegressor(max_iter=600, learning_rate=0.05, max_leaf_nodes=63,
+                                                  min_samples_leaf=2, random_state=seed),
+        "extra_trees": ExtraTreesRegressor(n_estimators=150, min_samples_leaf=1, n_jobs=1, random_state=seed),
+    }
+
+
+@dataclass
+class LayerPrediction:
+    layer: str
+    kind: str
+    cin: int
+    cout: int
+    h: int
+    w: int
+    kh: int
+    stride: int
+    predicted_ms: float
+    extrapolated: bool
+    #: of ``predicted_ms``, the nodes the runtime runs around the kernel (layout reorders,
+    #: an unfused Add or activation, a pooling): where a neighbour's width costs this layer
+    extra_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class LatencyPredictor(BaseEstimator):
+    """Latency of any width configuration of the models a device's table covers.
+
+    A scikit-learn estimator: parameters in ``__init__`` (``get_params``/``set_params``
+    and ``clone`` come from :class:`~sklearn.base.BaseEstimator`), validated in ``fit``,
+    which returns ``self``; learnt attributes end with ``_``.
+
+    >>> pred = LatencyPredictor().fit(LatencyTable.load("table.parquet"))  # doctest: +SKIP
+    >>> pred.predict("resnet18", [space.uniform(0.5)])                   # doctest: +SKIP
+    """
+
+    def __init__(self, regressor: str = "auto", min_rows: int = 10, cv_folds: int = 3, random_state: int = 0,
+                 selection_rows: int = 4000, calibration: str = "auto", flop_exponent: float = FLOP_EXPONENT):
+        self.regressor = regressor
+        self.flop_exponent = flop_exponent
+        self.calibration = calibration
+        self.min_rows = min_rows
+        self.cv_folds = cv_folds
+        self.random_state = random_state
+        self.selection_rows = selection_rows
+
+    # -- fitting ----------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        """Raise a one-line error for a parameter ``fit`` cannot use, before any work."""
+        cands = _candidates(self.random_state)
+        if self.regressor != "auto" and self.regressor not in cands:
+            raise HwpruneError(f"unknown regressor '{self.regressor}'", f"choose auto or one of {', '.join(cands)}")
+        if self.calibration not in CALIBRATIONS:
+            raise HwpruneError(f"unknown calibration '{self.calibration}'", f"choose {', '.join(CALIBRATIONS)}")
+        for name in ("min_rows", "cv_folds", "selection_rows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (2 if name == "cv_folds" else 1):
+                raise HwpruneError(f"{name} must be an integer of at least {2 if name == 'cv_folds' else 1}, got {v!r}")
+        a = self.flop_exponent
+        if isinstance(a, bool) or not isinstance(a, (int, float, np.number)) or not np.isfinite(a):
+            raise HwpruneError(f"flop_exponent must be a finite number, got {self.flop_exponent!r}")
+
+    def _template(self, model: str, input_size) -> ModelTemplate:
+        return ModelTemplate(PruningSpace.from_name(model, input_size=input_size))
+
+    def _training_set(self, table: LatencyTable, drop_slow: bool = True
+                      ) -> tuple[TrainingSet, dict[str, _ModelFit], pd.DataFrame]:
+        """Layer rows (features from the template, targets from the in-situ profile) per unit kind.
+
+        With ``drop_slow``, configurations a gated profile marked as timed in the host's slow
+        state (``state_ok=False``) are left out, provided at least 5 others remain.
+
+        The profiler adds about a microsecond to every node it times, and the number of
+        executed nodes varies with the widths (reorders, unfused element-wise nodes). The
+        profiler measures that per-node overhead when it builds a table (two chains of tiny
+        nodes, timed with and without profiling: ``TableMeta.node_overhead_ms``), and it
+        is taken off every node before the layers are summed. Tables without it (older
+        ones; ``hwprune profile --resume`` on their device adds it) are used as they are.
+        """
+        rows = table.rows
+        slow_items = table.slow_items()  # gated runs: the bracket stayed slow
+        self.slow_configs_used_ = len(slow_items)  # configurations timed in the host's slow state, fitted on
+        fast_e2e = rows["source"].eq("e2e") & ~rows["item"].isin(slow_items)
+        if drop_slow and slow_items and fast_e2e.sum() >= 5:
+            self.slow_configs_used_ = 0
+            rows = rows[~rows["item"].isin(slow_items)]
+        batch = int(table.settings.get("batch") or 1)
+        insitu = rows[rows["source"] == "insitu"]
+        measured = table.meta.node_overhead_ms
+        self.node_overhead_ms_ = float(measured) if measured is not None else 0.0
+        acc: dict[str, dict[str, list]] = {f: {k: [] for k in KINDS} for f in ("X", "y", "extra", "groups")}
+        fits: dict[str, _ModelFit] = {}
+        sums = []  # per e2e item: measured e2e time
+        for model in sorted(set(rows["model"].dropna())):
+            tpl = self._template(model, table.settings.get("input_size"))
+            fits[model] = _ModelFit(tpl)
+            names = set(tpl.layer_names)
+            e2e = rows[(rows["source"] == "e2e") & (rows["model"] == model)]
+            ins = insitu[insitu["model"] == model]
+            by_item = {k: v for k, v in ins.groupby("item", sort=False)}
+            for item, e in zip(e2e["item"], e2e.itertuples()):
+                nodes = by_item.get(item)
+                if nodes is None or not len(nodes):
+                    continue
+                self._add_layer_rows(acc, tpl, names, nodes, json.loads(e.widths), batch, f"{model}/{item}")
+                sums.append({"model": model, "item": item, "e2e": float(e.median_ms), "widths": e.widths})
+        ts = TrainingSet({}, {}, {}, {})
+        for k in KINDS:
+            if acc["y"][k]:
+                ts.X[k] = np.asarray(acc["X"][k])
+                ts.y[k] = np.asarray(acc["y"][k])
+                ts.extra[k] = np.asarray(acc["extra"][k])
+                ts.groups[k] = np.asarray(acc["groups"][k])
+                ts.ranges[k] = (ts.X[k].min(axis=0), ts.X[k].max(axis=0))
+        return ts, fits, pd.DataFrame(sums)
+
+    def _add_layer_rows(self, acc: dict[str, dict[str, list]], tpl: ModelTemplate, names: set[str],
+                        nodes: pd.DataFrame, widths: Mapping[str, int], batch: int, group: str) -> None:
+        """Append one configuration's layer rows to ``acc``, per unit kind: features, the
+        kernel's time, the extras' time and the configuration (``group``)."""
+        attributed = _attribute(nodes, names)
+        time_ms = (nodes["median_ms"] - self.node_overhead_ms_).clip(lower=1e-4)
+        per_layer = time_ms.groupby(attributed).sum()
+        own = nodes["kind"].isin(KINDS).to_numpy() & (nodes["layer"] == attributed).to_numpy()
+        kernel = time_ms[own].groupby(attributed[own]).sum()
+        cin, cout = tpl.channels(tpl.width_matrix([widths]))
+        for kind in KINDS:
+            js = [j for j, s in enumerate(tpl.slots) if s.kind == kind and s.name in kernel.index]
+            if not js:
+                continue
+            layers = [tpl.slots[j].name for j in js]
+            acc["X"][kind].extend(tpl.features(kind, js, batch, cin[0], cout[0]))
+            acc["y"][kind].extend(float(kernel[n]) for n in layers)
+            acc["extra"][kind].extend(max(float(per_layer[n] - kernel[n]), 0.0) for n in layers)
+            acc["groups"][kind].extend([group] * len(js))
+
+    def _select(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[str, dict, np.ndarray]:
+        """The regressor with the lowest grouped-CV RMSPE (on at most ``selection_rows`` rows) and its scores."""
+        from sklearn.base import clone
+        from sklearn.model_selection import GroupKFold
+
+        cands, a = _candidates(self.random_state), self.flop_exponent
+        names = list(cands) if self.regressor == "auto" else [self.regressor]
+        if len(names) == 1:
+            return names[0], {}, np.full_like(y, np.nan)
+        if len(y) > self.selection_rows:  # choose on a subsample of whole configurations: fitting stays fast
+            rng = np.random.default_rng(self.random_state)
+            uniq = np.unique(groups)
+            keep = rng.permutation(uniq)[: max(3, int(len(uniq) * self.selection_rows / len(y)))]
+            sel = np.isin(groups, keep)
+            X, y, groups = X[sel], y[sel], groups[sel]
+        n_groups = len(set(groups))
+        if n_groups < 2:
+            return names[0], {}, np.full_like(y, np.nan)
+        folds = list(GroupKFold(n_splits=min(self.cv_folds, n_groups)).split(X, y, groups))
+        scores, oof = {}, {}
+        for name in names:
+            pred = np.empty_like(y)
+            for tr, te in folds:
+                pred[te] = _kernel_ms(clone(cands[name]).fit(X[tr], _kernel_target(X[tr], y[tr], a)), X[te], a)
+            scores[name] = float(np.sqrt(np.mean(((pred - y) / y) ** 2)))
+            oof[name] = pred
+        best = min(scores, key=scores.get)
+        return best, scores, oof[best]
+
+    def _out_of_fold(self, est, X: np.ndarray, y: np.ndarray, extra: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """Predictions (kernel plus extras) of every row by copies of ``est`` and the extras
+        model fitted without that row's configuration."""
+        from sklearn.base import clone
+        from sklearn.model_selection import GroupKFold
+
+        n_groups, a = len(set(groups)), self.flop_exponent
+        if n_groups < 2:
+            return y + extra
+        out = np.empty_like(y)
+        for tr, te in GroupKFold(n_splits=min(self.cv_folds, n_groups)).split(X, y, groups):
+            out[te] = (_kernel_ms(clone(est).fit(X[tr], _kernel_target(X[tr], y[tr], a)), X[te], a)
+                       + _Extras(self.random_state).fit(X[tr], extra[tr]).predict(X[te]))
+        return out
+
+    def fit(self, table: LatencyTable) -> "LatencyPredictor":
+        """Fit one regressor per unit kind, then each model's overhead term.
+
+        The overhead term maps the sum of a configuration's layer times to its measured
+        end-to-end time, per model. With ``calibration="auto"`` (the default) each model
+        gets whichever of the two maps below has the lower leave-one-configuration-out
+        error on the table (both applied to out-of-fold predicted sums, as at prediction
+        time; the choice is in ``selection_["calibration"]``). With
+        ``calibration="cross-fitted"`` it is a power law, ``exp(b) * sum ** a``, fitted in log space on *out-of-fold*
+        predicted layer sums (each configuration's layers predicted by regressors fitted
+        without that configuration, ``cv_folds`` folds): it then corrects what the
+        regressors get wrong for a whole model, such as over-predicting every small layer
+        of a heavily pruned mobilenet_v2, and the in-situ profile running slower than an
+        unprofiled session by a share that grows as the layers shrink. Out-of-fold rather
+        than in-sample predictions, because in-sample ones fit the noise and would make the
+        map an identity. With ``"measured"`` it is a line fitted on the measured layer sums.
+        Compared by cross-validation on the tables in
+        ``benchmarks/predictor_cv.py``.
+        """
+        t0 = time.perf_counter()
+        self._validate_params()
+        if not isinstance(table, LatencyTable):
+            raise HwpruneError(f"a predictor is fitted on a LatencyTable, not on {type(table).__name__}")
+        if len(table.e2e) == 0:
+            raise HwpruneError("the table has no end-to-end rows to calibrate a predictor on")
+        ts, fits, sums = self._training_set(table)
+        if any(len(y) < self.min_rows for y in ts.y.values()) and table.slow_items():
+            # too few fast-state rows for some unit kind: fit on every row rather than not at all,
+            # and say so (slow_configs_used_ counts the slow-state configurations fitted on)
+            ts, fits, sums = self._training_set(table, drop_slow=False)
+        if not ts.y:
+            raise HwpruneError("the table has no in-situ layer rows the predictor can learn from")
+        for k, y in ts.y.items():
+            if len(y) < self.min_rows:
+                raise HwpruneError(f"the table is too small to fit the '{k}' regressor: {len(y)} layer rows, "
+                                   f"need {self.min_rows}", "profile more configurations (--configs)")
+        self.settings_ = dict(table.settings)
+        self.flop_exponent_ = float(self.flop_exponent)  # what the kernels were fitted on, whatever set_params does later
+        self.fingerprint_ = dict(table.meta.fingerprint)
+        self.models_ = fits
+        self.ranges_ = ts.ranges
+        self.selection_: dict[str, dict] = {}
+        measured_sum, oof_sum = self._fit_kinds(ts)
+        self._fit_calibration(sums, measured_sum, oof_sum)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _fit_kinds(self, ts: TrainingSet) -> tuple[dict[str, float], dict[str, float]]:
+        """Fit each unit kind's kernel regressor (chosen by :meth:`_select`) and extras model.
+
+        Returns, per configuration, the measured (target) time of its layers and the same
+        predicted by regressors fitted without that configuration (the measured time again
+        when ``calibration="measured"``)."""
+        from sklearn.base import clone
+
+        self.estimators_: dict[str, object] = {}
+        self.extras_: dict[str, _Extras] = {}
+        cands = _candidates(self.random_state)
+        measured_sum: dict[str, float] = {}
+        oof_sum: dict[str, float] = {}
+        crossfit = self.calibration != "measured"
+        for k, y in ts.y.items():
+            # one OpenMP thread: the fits are small, and spinning OpenMP workers made them 20x slower
+            # whenever another process (a training run, a measurement) held the other core
+            with threadpool_limits(1):
+                name, scores, _ = self._select(ts.X[k], y, ts.groups[k])
+                self.estimators_[k] = clone(cands[name]).fit(ts.X[k], _kernel_target(ts.X[k], y, self.flop_exponent_))
+                self.extras_[k] = _Extras(self.random_state).fit(ts.X[k], ts.extra[k])
+                total = y + ts.extra[k]
+                oof = self._out_of_fold(cands[name], ts.X[k], y, ts.extra[k], ts.groups[k]) if crossfit else total
+            self.selection_[k] = {"chosen": name, "cv_rmspe": scores, "rows": int(len(y)),
+                                  "extra_share": float(ts.extra[k].sum() / total.sum())}
+            for g, v, o in zip(ts.groups[k], total, oof):
+                measured_sum[g] = measured_sum.get(g, 0.0) + float(v)
+                oof_sum[g] = oof_sum.get(g, 0.0) + float(o)
+        return measured_sum, oof_sum
+
+    def _fit_calibration(self, sums: pd.DataFrame, measured_sum: Mapping[str, float],
+                         oof_sum: Mapping[str, float]) -> None:
+        """Fit each model's map from summed layer times to end-to-end time (see :meth:`fit`)."""
+        for model, f in self.models_.items():
+            s = sums[sums["model"] == model]
+            x = np.array([measured_sum.get(f"{model}/{i}", np.nan) for i in s["item"]])
+            xo = np.array([oof_sum.get(f"{model}/{i}", np.nan) for i in s["item"]])
+            ok = np.isfinite(x)
+            x, xo, e2e = x[ok], xo[ok], s["e2e"].to_numpy()[ok]
+            if ok.sum() < 3:  # too few configurations for a slope: keep the sum, correct the mean gap
+                f.slope, f.intercept = 1.0, float(np.mean(e2e - x)) if ok.any() else 0.0
+                continue
+            choice = self.calibration
+            if choice == "auto":  # the map whose leave-one-out error on out-of-fold sums is lower
+                errs = {c: _calibration_loo(c, x, xo, e2e) for c in ("cross-fitted", "measured")}
+                choice = min(errs, key=errs.get)
+                self.selection_.setdefault("calibration", {})[model] = {"chosen": choice, "loo_rmspe": errs}
+            f.slope, f.intercept, f.log = _calibrate(choice, x, xo, e2e)
+
+    # -- prediction -------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        try:
+            check_is_fitted(self, "models_")
+        except NotFittedError:
+            raise HwpruneError("the predictor is not fitted", "call fit(table) first") from None
+
+    def check_model(self, model: str) -> _ModelFit:
+        """The fitted parts of ``model``; a one-line error when the predictor is not fitted or
+        its table never covered ``model``."""
+        self._check_fitted()
+        if model not in self.models_:
+            raise HwpruneError(f"the table never covered model '{model}'",
+                               f"it covers {', '.join(self.models_)}; profile {model} on this device first")
+        return self.models_[model]
+
+    def check_settings(self, settings: Mapping) -> None:
+        """Raise when the requested settings (batch, threads, backend...) differ from the table's."""
+        for k in ("backend", "threads", "batch", "precision", "device", "input_size"):
+            if k in settings and settings[k] is not None and self.settings_.get(k) != settings[k]:
+                raise TableMismatch(f"the predictor's table has {k}={self.settings_.get(k)!r}, "
+                                    f"requested {settings[k]!r}")
+
+    def _layer_matrix(self, model: str, configs
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-layer predictions [N, layers], channel matrices, the extrapolation mask and
+        the extras' part of the predictions."""
+        tpl = self.check_model(model).template
+        W = configs if isinstance(configs, np.ndarray) else tpl.width_matrix(list(configs))
+        cin, cout = tpl.channels(W)
+        n, L = cin.shape
+        batch = int(self.settings_.get("batch") or 1)
+        out = np.zeros((n, L))
+        extras = np.zeros((n, L))
+        outside = np.zeros((n, L), dtype=bool)
+        for kind in KINDS:
+            cols = [j for j, s in enumerate(tpl.slots) if s.kind == kind]
+            if not cols:
+                continue
+            if kind not in self.estimators_:
+                raise HwpruneError(f"the table never covered unit kind '{kind}' (layer '{tpl.slots[cols[0]].name}')")
+            F = tpl.features(kind, cols, batch, cin, cout)
+            # one thread for the small batches that come right before a measurement (validation,
+            # GCP's device check): OpenMP workers left spinning would slow it down; every core
+            # for bulk prediction (a search scoring thousands of configurations)
+            bulk = len(F) >= BULK_ROWS
+            with threadpool_limits(None if bulk else 1), _every_core(self.estimators_[kind], bulk):
+                extras[:, cols] = self.extras_[kind].predict(F).reshape(n, len(cols))
+                out[:, cols] = (_kernel_ms(self.estimators_[kind], F, self.flop_exponent_).reshape(n, len(cols))
+                                + extras[:, cols])
+            lo, hi = self.ranges_[kind]
+            outside[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
+        return out, cin, cout, outside, extras
+
+    def _layer_sum(self, model: str, configs) -> np.ndarray:
+        return self._layer_matrix(model, configs)[0].sum(axis=1)
+
+    def predict(self, model: str, configs: Sequence[WidthConfig | Mapping[str, int]] | np.ndarray) -> np.ndarray:
+        """End-to-end latency (ms) of each configuration, vectorised over configurations."""
+        return self.check_model(model)(self._layer_sum(model, configs))
+
+    def predict_layers(self, model: str, config: WidthConfig | Mapping[str, int]) -> tuple[float, list[LayerPrediction]]:
+        f = self.check_model(model)
+        per, cin, cout, outside, extras = self._layer_matrix(model, [config])
+        layers = [LayerPrediction(s.name, s.kind, int(cin[0, j]), int(cout[0, j]), s.h, s.w, s.kh, s.stride,
+                                  float(per[0, j]), bool(outside[0, j]), float(extras[0, j]))
+                  for j, s in enumerate(f.template.slots)]
+        return float(f(per.sum())), layers
+
+    def marginal_costs(self, model: str, config: WidthConfig | Mapping[str, int],
+                       step: int = 16) -> dict[str, tuple[float, float]]:
+        """Per group: predicted ms saved by removing 1 channel and ``step`` channels at these widths."""
+        tpl = self.check_model(model).template
+        base = tpl.width_matrix([config])[0]
+        rows = [base]
+        for i in range(len(base)):
+            for k in (1, step):
+                r = base.copy()
+                r[i] = max(1, r[i] - k)
+                rows.append(r)
+        pred = self.predict(model, np.stack(rows))
+        out = {}
+        for i, gid in enumerate(tpl.group_ids):
+            out[gid] = (float(pred[0] - pred[1 + 2 * i]), float(pred[0] - pred[2 + 2 * i]))
+        return out
+
+    # -- persistence ------------------------------------------------------------------
+    def without_modules(self) -> "LatencyPredictor":
+        """A copy that predicts the same and holds no torch module: each model's template
+        keeps its layers and its space's channel groups (validation, sampling, costs) but not
+        the network they were read from. What :mod:`hwprune.prediction.artifact` saves."""
+        self._check_fitted()
+        out = copy.copy(self)
+        out.models_ = {}
+        for model, f in self.models_.items():
+            tpl = copy.copy(f.template)
+            tpl.space = copy.copy(tpl.space)
+            tpl.space.model = None
+            out.models_[model] = replace(f, template=tpl)
+        return out
+
+    def save(self, path: str | Path, table_path: str | Path) -> Path:
+        """Save the fitted predictor as an artifact of the table at ``table_path``
+        (:func:`hwprune.prediction.artifact.save_predictor`)."""
+        from hwprune.prediction.artifact import save_predictor
+
+        return save_predictor(self, path, table_path)
+
+    @classmethod
+    def load(cls, path: str | Path, table_path: str | Path | None = None) -> "LatencyPredictor":
+        """Load a saved predictor without refitting; with ``table_path``, refuse one fitted on
+        another table (:func:`hwprune.prediction.artifact.load_predictor`)."""
+        from hwprune.prediction.artifact import load_predictor
+
+        return load_predictor(path, table_path)
+
+
+def fit_predictor(table: str | Path | LatencyTable, **params) -> LatencyPredictor:
+    t = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
+    return LatencyPredictor(**params).fit(t)
+
+
+def cross_validate_e2e(table: LatencyTable, folds: int = 4, seed: int = 0, **params) -> pd.DataFrame:
+    """End-to-end errors on held-out configurations of the table itself.
+
+    The table's configurations are split into ``folds`` groups; each group's end-to-end
+    times are predicted by a predictor fitted on the others. A cheap check before the real
+    validation (which measures fresh pruned models).
+    """
+    items = sorted(set(table.e2e["item"]))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(items)
+    out = []
+    for f in range(folds):
+        test = set(items[f::folds])
+        train_rows = table.rows[~table.rows["item"].isin(test)]
+        pred = LatencyPredictor(**params).fit(LatencyTable(train_rows, table.meta))
+        e2e = table.e2e[table.e2e["item"].isin(test)]
+        for model in sorted(set(e2e["model"])):
+            e = e2e[e2e["model"] == model]
+            p = pred.predict(model, [json.loads(w) for w in e["widths"]])
+            out += [{"model": model, "item": i, "measured_ms": m, "predicted_ms": float(v)}
+                    for i, m, v in zip(e["item"], e["median_ms"], p)]
+    df = pd.DataFrame(out)
+    df["error"] = (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
+    return df

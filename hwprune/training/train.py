@@ -1,0 +1,396 @@
+"""Training, fine-tuning and evaluation of image classifiers.
+
+:func:`train` runs SGD (Nesterov momentum, label smoothing, cosine or one-cycle learning
+rate, optional knowledge distillation from a teacher checkpoint) and is resumable: after
+every epoch it writes ``<out>.state.pt`` (weights, optimizer, epoch, RNG state; plain
+tensors and numbers, readable with ``weights_only=True``) and appends one JSON line to
+``<out>.log.jsonl``. The final weights go to ``<out>`` as a :class:`~hwprune.training.checkpoint.Checkpoint`.
+Fine-tuning a pruned model is the same call with a checkpoint as input: its widths and
+meta carry over.
+
+On a CPU with bfloat16 support (AVX-512 BF16 / AMX) training runs under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` with channels-last tensors; on CUDA
+under automatic mixed precision (bf16 where supported, else fp16 with loss scaling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from hwprune.training.checkpoint import Checkpoint, atomic_torch_save, safe_torch_load
+from hwprune.training.data import BatchLoader, ImageDataset, Splits
+from hwprune.errors import HwpruneError
+from hwprune.models import ModelSpec
+
+STATE_FORMAT = "hwprune.trainstate/1"
+SCHEDULES = ("cosine", "onecycle")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+_console = Console(stderr=True)
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe.
+
+    ``lr`` is the peak learning rate; ``None`` means 0.1 scaled linearly with the batch
+    size (0.1 at 128). ``schedule`` "cosine" warms up linearly for ``warmup_epochs`` then
+    decays to zero; "onecycle" ramps from lr/25 over the first 30% of steps, then anneals
+    to lr/1e4. With ``teacher`` (a checkpoint path) the loss is
+    ``alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy``.
+    ``precision`` "auto" picks bf16 autocast where the device supports it.
+    """
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    teacher: str | None = None
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.9
+    seed: int = 0
+    threads: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    eval_every: int = 5
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else 0.1 * self.batch_size / 128
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise HwpruneError(f"epochs and batch size must be positive (got {self.epochs}, {self.batch_size})")
+        if self.schedule not in SCHEDULES:
+            raise HwpruneError(f"unknown schedule '{self.schedule}'", hint=f"use one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise HwpruneError(f"unknown precision '{self.precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise HwpruneError(f"distillation alpha must lie in [0, 1], got {self.distill_alpha}")
+
+
+@dataclass
+class TrainResult:
+    """Where a training run left its files and how well the final model does on the test split."""
+
+    checkpoint: Path
+    state_path: Path
+    log_path: Path
+    epochs: int
+    top1: float | None
+    top5: float | None
+    seconds: float
+
+
+def state_path_for(out: str | Path) -> Path:
+    """``runs/x.pt`` -> ``runs/x.state.pt``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".state.pt") if out.suffix else out.with_name(out.name + ".state.pt")
+
+
+def log_path_for(out: str | Path) -> Path:
+    """``runs/x.pt`` -> ``runs/x.log.jsonl``."""
+    out = Path(out)
+    return out.with_name((out.stem if out.suffix else out.name) + ".log.jsonl")
+
+
+def train(model: ModelSpec | Checkpoint, data: Splits, cfg: TrainConfig, out_path: str | Path,
+          resume: bool = True, progress: bool = True) -> TrainResult:
+    """Train ``model`` on ``data.train`` and write the final checkpoint to ``out_path``.
+
+    ``model`` is a freshly built :class:`ModelSpec` or a :class:`Checkpoint` to fine-tune.
+    With ``resume`` an existing ``<out>.state.pt`` from the same model continues where it
+    stopped. Accuracy on ``data.test`` (if any) is measured every ``cfg.eval_every``
+    epochs, after the first epoch and at the end.
+    """
+    cfg.validate()
+    out_path, state_path, log_path = Path(out_path), state_path_for(out_path), log_path_for(out_path)
+    if isinstance(model, Checkpoint):
+        spec, widths, parent_meta = model.build_model(), model.widths, dict(model.meta)
+        norm = parent_meta.get("data", {})
+        if "mean" in norm and "std" in norm:  # keep the normalisation the weights were trained with
+            data = Splits(data.train.with_normalization(norm["mean"], norm["std"]),
+                          data.test.with_normalization(norm["mean"], norm["std"]) if data.test is not None else None)
+    else:
+        spec, widths, parent_meta = model, None, {}
+    _check_fit(spec, data.train)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    amp_dtype = _amp_dtype(cfg.precision, device)
+    channels_last = amp_dtype is not None or device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = spec.module.to(device=device, memory_format=memory_format)
+    teacher = _load_teacher(cfg, spec, device, memory_format)
+
+    loader = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, drop_last=True,
+                         device=device, channels_last=channels_last)
+    if len(loader) == 0:
+        raise HwpruneError(f"the training split has {len(data.train)} images, fewer than one batch of {cfg.batch_size}",
+                           hint="lower --batch-size")
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.peak_lr(), momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start_epoch, seconds = 0, 0.0
+    identity = {"arch": spec.name, "widths": widths, "num_classes": spec.num_classes}
+    if resume and state_path.exists():
+        start_epoch, seconds = _restore(state_path, identity, net, optimizer, scaler, device)
+        if progress:
+            _console.print(f"resuming {out_path} from epoch {start_epoch} ({state_path})")
+    else:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+
+    steps_per_epoch, total_steps = len(loader), len(loader) * cfg.epochs
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    top1 = top5 = None
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        loader.set_epoch(epoch)
+        net.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        with _progress_bar(progress, f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch) as advance:
+            for i, (x, y) in enumerate(loader):
+                lr = _lr_at(epoch * steps_per_epoch + i, total_steps, warmup_steps, cfg.peak_lr(), cfg.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with _autocast(device, amp_dtype):
+                    logits = net(x)
+                    t_logits = teacher(x) if teacher is not None else None
+                loss = _loss(logits.float(), y, cfg, None if t_logits is None else t_logits.float())
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                loss_sum += loss.detach() * y.shape[0]
+                correct += (logits.argmax(1) == y).sum()
+                seen += y.shape[0]
+                advance()
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(loss_sum.item() / seen, 5),
+                                  "train_acc": round(100.0 * correct.item() / seen, 3), "test_top1": None,
+                                  "test_top5": None, "lr": lr}
+        last = epoch + 1 == cfg.epochs
+        if data.test is not None and (epoch == 0 or last or (epoch + 1) % max(1, cfg.eval_every) == 0):
+            acc = evaluate(net, data.test, batch_size=max(cfg.batch_size, 256), device=device)
+            top1, top5 = acc["top1"], acc["top5"]
+            record.update(test_top1=top1, test_top5=top5)
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        seconds += record["seconds"]
+        _save_state(state_path, identity, spec, net, optimizer, scaler, epoch + 1, seconds, cfg)
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if progress:
+            test = f"  test {record['test_top1']:.2f}%" if record["test_top1"] is not None else ""
+            _console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                           f"acc {record['train_acc']:.2f}%{test}  lr {lr:.4g}  {record['seconds']:.1f}s", highlight=False)
+
+    if top1 is None and data.test is not None:  # resumed after the last epoch: measure again
+        acc = evaluate(net, data.test, batch_size=max(cfg.batch_size, 256), device=device)
+        top1, top5 = acc["top1"], acc["top5"]
+    meta = _final_meta(parent_meta, data.train, cfg, top1, top5, seconds, device, amp_dtype)
+    Checkpoint.from_model(ModelSpec(spec.name, net, spec.input_size, spec.num_classes), widths, meta).save(out_path)
+    return TrainResult(checkpoint=out_path, state_path=state_path, log_path=log_path, epochs=cfg.epochs,
+                       top1=top1, top5=top5, seconds=round(seconds, 2))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: ImageDataset, batch_size: int = 500,
+             device: str | torch.device | None = None) -> dict[str, float | int]:
+    """Top-1 and top-5 accuracy (percent) of ``model`` on ``dataset``, in float32.
+
+    Runs on ``device`` (default: where the model's parameters are) and restores the
+    model's train/eval mode afterwards.
+    """
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    channels_last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                        for p in model.parameters())
+    top1 = top5 = 0
+    k = min(5, len(dataset.classes))
+    try:
+        for x, y in BatchLoader(dataset, batch_size, device=device, channels_last=channels_last):
+            pred = model(x).topk(k, dim=1).indices
+            hit = pred == y[:, None]
+            top1 += int(hit[:, 0].sum())
+            top5 += int(hit.any(1).sum())
+    finally:
+        model.train(was_training)
+    n = len(dataset)
+    return {"top1": round(100.0 * top1 / n, 3), "top5": round(100.0 * top5 / n, 3), "n": n}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast is fast on ``device`` (CPU: oneDNN bf16 kernels, CUDA: Ampere or newer)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HwpruneError("CUDA was requested but no CUDA device is available", hint="use --device cpu")
+    return device
+
+
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise HwpruneError("fp16 training needs a CUDA device", hint="use bf16 or fp32 on the CPU")
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if bf16_supported(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) of ``total``."""
+    if schedule == "onecycle":
+        ramp = max(1, int(0.3 * total))
+        start, end = peak / 25, peak / 1e4
+        if step < ramp:
+            return start + (peak - start) * (1 - math.cos(math.pi * step / ramp)) / 2
+        return end + (peak - end) * (1 + math.cos(math.pi * (step - ramp) / max(1, total - ramp))) / 2
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) / 2
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if teacher_logits is None:
+        return ce
+    t = cfg.distill_temperature
+    kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                  reduction="batchmean", log_target=True) * t * t
+    return cfg.distill_alpha * kd + (1 - cfg.distill_alpha) * ce
+
+
+def _check_fit(spec: ModelSpec, train: ImageDataset) -> None:
+    if spec.num_classes != len(train.classes):
+        raise HwpruneError(f"{spec.name} has {spec.num_classes} outputs but the data has {len(train.classes)} classes",
+                           hint="build the model with the data's number of classes")
+    if tuple(spec.input_size) != train.input_size:
+        raise HwpruneError(f"{spec.name} expects {spec.input_size[1]}x{spec.input_size[2]} inputs but the images are "
+                           f"{train.input_size[1]}x{train.input_size[2]}", hint="pass --image-size to resize the images")
+
+
+def _load_teacher(cfg: TrainConfig, spec: ModelSpec, device: torch.device, memory_format) -> torch.nn.Module | None:
+    if not cfg.teacher:
+        return None
+    teacher = Checkpoint.load(cfg.teacher).build_model()
+    if teacher.num_classes != spec.num_classes:
+        raise HwpruneError(f"teacher {cfg.teacher} has {teacher.num_classes} classes, the student {spec.num_classes}")
+    module = teacher.module.to(device=device, memory_format=memory_format).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, description: str, total: int):
+    """Yield an ``advance()`` callable; draws a bar only on an interactive terminal."""
+    if not (enabled and _console.is_terminal):
+        yield lambda: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _save_state(path: Path, identity: dict, spec: ModelSpec, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scaler, epoch: int, seconds: float, cfg: TrainConfig) -> None:
+    state = {
+        "format": STATE_FORMAT,
+        **identity,
+        "input_size": list(spec.input_size),
+        "epoch": epoch,
+        "seconds": seconds,
+        "config": asdict(cfg),
+        "model": {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    atomic_torch_save(state, path)
+
+
+def _restore(path: Path, identity: dict, net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler,
+             device: torch.device) -> tuple[int, float]:
+    state = safe_torch_load(path, "training state")
+    hint = f"delete {path} or pass --no-resume to start over"
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise HwpruneError(f"{path} is not an hwprune training state", hint=hint)
+    for key, value in identity.items():
+        if state.get(key) != value:
+            raise HwpruneError(f"{path} belongs to another model ({key} {state.get(key)!r}, not {value!r})", hint=hint)
+    try:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        return int(state["epoch"]), float(state["seconds"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise HwpruneError(f"cannot resume from {path}: {str(e).splitlines()[0]}", hint=hint) from e
+
+
+def _final_meta(parent: dict, train_set: ImageDataset, cfg: TrainConfig, top1, top5, seconds: float,
+                device: torch.device, amp_dtype) -> dict[str, Any]:
+    meta = dict(parent)
+    if "train" in parent:
+        meta["history"] = [*parent.get("history", []), parent["train"]]
+    meta["data"] = {"classes": list(train_set.classes), "mean": list(train_set.mean), "std": list(train_set.std),
+                    "train_images": len(train_set)}
+    meta["train"] = {**asdict(cfg), "peak_lr": cfg.peak_lr(), "device": str(device),
+                     "precision": "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+                     "seconds": round(seconds, 2), "torch": str(torch.__version__)}
+    meta["top1"], meta["top5"] = top1, top5
+    return meta
