@@ -5,31 +5,23 @@ bench -> report. Importing ``hwprune`` is light: the heavy stages load on first 
 that the device-side runner (``hwprune.device``) works with only onnxruntime and numpy.
 """
 
+from hwprune.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
-_LAZY = {
-    "HwpruneError": ("hwprune.errors", "HwpruneError"),
-    "LatencyTable": ("hwprune.profiling.table", "LatencyTable"),
-    "PruningSpace": ("hwprune.pruning.space", "PruningSpace"),
-    "WidthConfig": ("hwprune.pruning.space", "WidthConfig"),
-    "create_model": ("hwprune.models", "create_model"),
-    "list_models": ("hwprune.models", "list_models"),
-    "create_backend": ("hwprune.profiling.backends", "create_backend"),
-    "MeasureConfig": ("hwprune.profiling.measure", "MeasureConfig"),
-    "profile": ("hwprune.profiling.profiler", "profile"),
-    "LatencyPredictor": ("hwprune.prediction.predictor", "LatencyPredictor"),
-    "Checkpoint": ("hwprune.training.checkpoint", "Checkpoint"),
-    "objective": ("hwprune.pruning.objectives", "objective"),
-    "gcp": ("hwprune.pruning.gcp", "gcp"),
-}
-
-__all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
-    raise AttributeError(f"module 'hwprune' has no attribute {name!r}")
+__getattr__, _exported = lazy_exports(__name__, {
+    "HwpruneError": "hwprune.errors",
+    "LatencyTable": "hwprune.profiling.table",
+    "PruningSpace": "hwprune.pruning.space",
+    "WidthConfig": "hwprune.pruning.space",
+    "create_model": "hwprune.models",
+    "list_models": "hwprune.models",
+    "create_backend": "hwprune.profiling.backends",
+    "MeasureConfig": "hwprune.profiling.measure",
+    "profile": "hwprune.profiling.profiler",
+    "LatencyPredictor": "hwprune.prediction.predictor",
+    "Checkpoint": "hwprune.training.checkpoint",
+    "objective": "hwprune.pruning.objectives",
+    "gcp": "hwprune.pruning.gcp",
+})
+__all__ = ["__version__", *_exported]

@@ -3,7 +3,9 @@
 This package imports nothing heavy at first: the device-side runner uses its measurement
 protocol with only onnxruntime and numpy."""
 
-_LAZY = {
+from hwprune.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
     "profile": "hwprune.profiling.profiler",
     "Profiler": "hwprune.profiling.profiler",
     "ProfilePlan": "hwprune.profiling.profiler",
@@ -14,14 +16,4 @@ _LAZY = {
     "fingerprint": "hwprune.profiling.fingerprint",
     "create_backend": "hwprune.profiling.backends",
     "export_onnx": "hwprune.profiling.onnx_export",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

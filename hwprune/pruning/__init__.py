@@ -1,6 +1,8 @@
 """Pruning: width spaces, costs, importance criteria and the registered pruning methods."""
 
-_LAZY = {
+from hwprune.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
     "PruningSpace": "hwprune.pruning.space",
     "WidthConfig": "hwprune.pruning.space",
     "objective": "hwprune.pruning.objectives",
@@ -13,14 +15,4 @@ _LAZY = {
     "DeviceOptions": "hwprune.pruning.target",
     "Finetune": "hwprune.pruning.target",
     "TargetResult": "hwprune.pruning.target",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})
