@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_here
 from hwprune.training.checkpoint import Checkpoint
-from hwprune.cli.quickstart import BASE_CK, SAMPLE
+from hwprune.pipeline import BASE_CK, SAMPLE, noisy_host_warning
 
 
 def test_assets_ship_with_the_package():
@@ -30,11 +30,11 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     """The smallest run that still goes through every step: 10 configurations (the predictor's
     minimum), 3 validation samples, one GCP round of one iteration per phase, one fine-tuning epoch
     on 300 images, short measurements (--quick), no re-measurement of slow-state configurations
-    (--gate-budget 0). Its timings are real: only what holds on any host is asserted."""
+    (--gate-budget 0), all in this process. Its timings are real: only what holds on any host is asserted."""
     out, data = tmp_path / "qs", _tiny_sample(tmp_path)
-    r = run_cli("quickstart", "--out", str(out), "--configs", "10", "--samples", "3", "--finetune-epochs", "1",
-                "--gcp-iters", "1", "--gcp-steps", "1", "--threads", "1", "--gate-budget", "0", "--data", str(data),
-                "--quick", "--json", timeout=900)
+    r = run_cli_here("quickstart", "--out", str(out), "--configs", "10", "--samples", "3", "--finetune-epochs", "1",
+                     "--gcp-iters", "1", "--gcp-steps", "1", "--threads", "1", "--gate-budget", "0", "--data",
+                     str(data), "--quick", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     for f in ("cpu_table.parquet", "validation.json", "cifar_resnet20_base.pt", "cifar_resnet20_gcp.pt", "bench.json",
@@ -52,8 +52,18 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert all(f"id='{s}'" in html for s in ("device", "results", "pareto", "widths", "predicted", "commands"))
     # a second run keeps the finished steps and only re-reads them
     before = {f: (out / f).stat().st_mtime for f in ("cifar_resnet20_gcp.pt", "bench.json", "report.html")}
-    r = run_cli("quickstart", "--out", str(out), "--configs", "10", "--samples", "3", "--data", str(data), "--quick",
-                "--json", timeout=600)
+    r = run_cli_here("quickstart", "--out", str(out), "--configs", "10", "--samples", "3", "--data", str(data),
+                     "--quick", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert {f: (out / f).stat().st_mtime for f in before} == before
     assert json.loads(r.stdout)["pruned"]["measured_ms"] == doc["pruned"]["measured_ms"]
+
+
+def test_noisy_host_warning_is_one_line_when_the_host_was_busy():
+    quiet = {"table_slow_state_configs": 1, "table_configs": 40, "measured_ceiling": 0.97}
+    assert noisy_host_warning(quiet) is None
+    busy_profile = {**quiet, "table_slow_state_configs": 20}
+    busy_validate = {**quiet, "measured_ceiling": 0.6}
+    for s in (busy_profile, busy_validate):
+        line = noisy_host_warning(s)
+        assert line and "\n" not in line and "busy" in line

@@ -14,7 +14,7 @@ from hwprune.cli import app, console
 from hwprune.training.data import load_dataset, load_splits
 from hwprune.errors import HwpruneError
 from hwprune.models import create_model
-from hwprune.training.train import PRECISIONS, SCHEDULES, TrainConfig, evaluate, train
+from hwprune.training.train import PRECISIONS, SCHEDULES, TrainConfig, evaluate, evaluate_checkpoint, train
 
 
 @app.command("train")
@@ -93,24 +93,9 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print {top1, top5, n} as JSON on stdout."),
 ) -> None:
     """Measure a checkpoint's top-1/top-5 accuracy on a dataset split."""
-    if split not in ("train", "test", "val"):
-        raise HwpruneError(f"unknown split '{split}'", hint="use train, test or val")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HwpruneError("CUDA was requested but no CUDA device is available", hint="use --device cpu")
     if threads:
         torch.set_num_threads(threads)
-    ck = Checkpoint.load(checkpoint)
-    spec = ck.build_model()
-    dataset = load_dataset(data, split, image_size=ck.input_size[1])
-    norm = ck.meta.get("data", {})
-    if "mean" in norm and "std" in norm:
-        dataset = dataset.with_normalization(norm["mean"], norm["std"])
-    if "classes" in norm and list(norm["classes"]) != dataset.classes:
-        raise HwpruneError(f"{checkpoint} was trained on other classes than those in {data}",
-                           hint="evaluate on the dataset the model was trained on")
-    if len(dataset.classes) > spec.num_classes:
-        raise HwpruneError(f"the data has {len(dataset.classes)} classes, the model only {spec.num_classes} outputs")
-    result = evaluate(spec.module.to(device), dataset, batch_size=batch_size, device=device)
+    result = evaluate_checkpoint(checkpoint, data, split, batch_size=batch_size, device=device)
     if as_json:
         print(json.dumps(result))
     else:

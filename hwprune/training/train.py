@@ -394,3 +394,26 @@ def _final_meta(parent: dict, train_set: ImageDataset, cfg: TrainConfig, top1, t
                      "seconds": round(seconds, 2), "torch": str(torch.__version__)}
     meta["top1"], meta["top5"] = top1, top5
     return meta
+
+
+def evaluate_checkpoint(checkpoint: Checkpoint | str | Path, data: str | Path, split: str = "test",
+                        batch_size: int = 500, device: str = "cpu") -> dict[str, float | int]:
+    """Top-1 and top-5 accuracy of a checkpoint on a split of ``data``, normalised as it was trained."""
+    from hwprune.training.data import load_dataset
+
+    if split not in ("train", "test", "val"):
+        raise HwpruneError(f"unknown split '{split}'", hint="use train, test or val")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HwpruneError("CUDA was requested but no CUDA device is available", hint="use --device cpu")
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.load(checkpoint)
+    spec = ck.build_model()
+    dataset = load_dataset(data, split, image_size=ck.input_size[1])
+    norm = ck.meta.get("data", {})
+    if "mean" in norm and "std" in norm:
+        dataset = dataset.with_normalization(norm["mean"], norm["std"])
+    if "classes" in norm and list(norm["classes"]) != dataset.classes:
+        raise HwpruneError(f"the checkpoint was trained on other classes than those in {data}",
+                           hint="evaluate on the dataset the model was trained on")
+    if len(dataset.classes) > spec.num_classes:
+        raise HwpruneError(f"the data has {len(dataset.classes)} classes, the model only {spec.num_classes} outputs")
+    return evaluate(spec.module.to(device), dataset, batch_size=batch_size, device=device)
