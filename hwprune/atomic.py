@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from hwprune.errors import HwpruneError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write(path: str | Path, writer: Callable[[BinaryIO], object]) -> Path:
+    """Call ``writer(f)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    For writers that need a binary file object (``torch.save``, ``np.savez``): the file is
+    flushed and synced before the rename; on any error the temporary file is removed and
+    ``path`` is left as it was.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,7 +25,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         raise HwpruneError(f"cannot write '{path}': {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            writer(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
@@ -30,6 +37,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _umask() -> int:

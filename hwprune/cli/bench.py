@@ -46,43 +46,62 @@ def bench(
              "make the fastest-round estimator steady on a shared host."),
 ) -> None:
     """Measure end-to-end latency and throughput of models, interleaved, in fresh sessions."""
-    from rich.table import Table
-
-    from hwprune.prediction.artifact import predictor_for
-    from hwprune.bench.harness import BenchModel, bench as run_bench, speedups
-    from hwprune.atomic import atomic_write_text, check_writable
-    from hwprune.profiling.measure import MeasureConfig
+    from hwprune.atomic import atomic_write_text
+    from hwprune.bench.harness import bench as run_bench, speedups
+    from hwprune.profiling.table import command_line
     from hwprune.progress import item_progress
 
     if widths_file is not None and len(model) != 1:
         raise HwpruneError("--widths goes with exactly one --model (or write NAME=WIDTHS.json)")
+    measure, pairs, batches = _measure_config(quick, min_time), _pairs(compare), _batches(batch)
+    models, fitted = _models_and_predictor(model, widths_file, checkpoint, onnx, input_size, table, predictor, json_out)
+    with item_progress(f"bench on {backend}") as update:
+        doc = run_bench(models, backend, batches, threads=threads, device=device, rounds=rounds,
+                        measure=measure, predictor=fitted, progress=update)
+    doc.update(speedups=speedups(doc, pairs), command=command_line())
     if json_out is not None:
-        check_writable(json_out)
-    models = []
-    for m in model:
-        name, _, w = m.partition("=")
-        models.append(BenchModel.from_name(name, w or widths_file, input_size=input_size))
-    models += [BenchModel.from_checkpoint(c) for c in checkpoint]
-    models += [BenchModel.from_onnx(o, input_size=input_size) for o in onnx]
-    fitted = predictor_for(table, predictor)
+        atomic_write_text(json_out, json.dumps(doc, indent=1, default=str) + "\n")
+    _print_results(doc, json_out)
+    if any(r.get("error") for r in doc["results"]):
+        raise typer.Exit(1)
+
+
+def _measure_config(quick: bool, min_time: float | None):
+    """The measurement protocol of ``--quick`` / ``--min-time`` (None: the harness default)."""
+    from hwprune.profiling.measure import MeasureConfig
+
     if quick and min_time is not None:
         raise HwpruneError("give --quick or --min-time, not both")
-    measure = MeasureConfig.quick() if quick else None
     if min_time is not None:
-        measure = MeasureConfig(warmup_s=min(0.2, min_time / 2), min_time_s=min_time)
-    with item_progress(f"bench on {backend}") as update:
-        doc = run_bench(models, backend, _batches(batch), threads=threads, device=device, rounds=rounds,
-                        measure=measure, predictor=fitted, progress=update)
+        return MeasureConfig(warmup_s=min(0.2, min_time / 2), min_time_s=min_time)
+    return MeasureConfig.quick() if quick else None
+
+
+def _pairs(compare: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for c in compare:
         a, sep, b = c.partition(":")
         if not sep:
             raise HwpruneError(f"--compare takes A:B, got '{c}'")
         pairs.append((a, b))
-    doc["speedups"] = speedups(doc, pairs)
-    doc["command"] = __import__("hwprune.profiling.table", fromlist=["command_line"]).command_line()
+    return pairs
+
+
+def _models_and_predictor(model, widths_file, checkpoint, onnx, input_size, table, predictor, json_out):
+    """The models to bench and the fitted predictor (or None), after checking the JSON path is writable."""
+    from hwprune.atomic import check_writable
+    from hwprune.bench.models import bench_models
+    from hwprune.prediction.artifact import predictor_for
+
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(doc, indent=1, default=str) + "\n")
+        check_writable(json_out)
+    models = bench_models(model, widths_file, checkpoint, onnx, input_size=input_size)
+    return models, predictor_for(table, predictor)
+
+
+def _print_results(doc: dict, json_out: Path | None) -> None:
+    from rich.table import Table
+
     t = Table("model", "batch", "median ms", "fastest round ms", "p90 ms", "CoV", "img/s", "predicted ms", "status")
     for r in doc["results"]:
         lat = r.get("latency_ms") or {}
@@ -99,8 +118,6 @@ def bench(
                       f"(median of per-round ratios{fast})")
     if json_out is not None:
         console.print(f"wrote {json_out}")
-    if any(r.get("error") for r in doc["results"]):
-        raise typer.Exit(1)
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -12,6 +12,20 @@ import typer
 from hwprune.cli import app, console
 from hwprune.cli.predict import PREDICTOR_HELP
 from hwprune.errors import HwpruneError
+
+
+_HELP = {
+    "recover": "GCP recover step: all (every weight trains) or paper (masks, BN shifts, classifier).",
+    "latency_target": "Meet this fraction of the base model's measured latency on the table's backend, whatever "
+                      "the objective (e.g. GCP-f at the FLOPs fraction that gives 0.5 latency). Default: --target "
+                      "for the latency and throughput objectives.",
+    "patience": "Seconds one device measurement may wait for a shared host's fast state before it settles for "
+                "what it has (logged as settled=false).",
+    "measure": "Measure base and pruned model end to end on the table's backend.",
+    "min_keep": "Every channel group keeps at least this fraction of its channels.",
+    "budget_minutes": "search, lstm: wall-time budget of the method itself.",
+    "option": "A method setting (repeatable); `hwprune methods` lists each method's.",
+}
 
 
 @app.command()
@@ -28,55 +42,47 @@ def prune(
     round_hw: bool = typer.Option(False, "--round-hw", help="Round widths to the device's latency staircase."),
     steps: int = typer.Option(4, "--steps", min=1, help="GCP: regularise/prune/recover rounds (T)."),
     iters: Optional[int] = typer.Option(None, "--iters", min=1, help="GCP: iterations per phase (default: an epoch)."),
-    recover: str = typer.Option("all", "--recover",
-                                help="GCP recover step: all (every weight trains) or paper (masks, BN shifts, "
-                                     "classifier)."),
-    measure: bool = typer.Option(True, "--measure/--no-measure",
-                                 help="Measure base and pruned model end to end on the table's backend."),
-    latency_target: Optional[float] = typer.Option(
-        None, "--latency-target", min=0.01, max=1.0,
-        help="Meet this fraction of the base model's measured latency on the table's backend, whatever the "
-             "objective (e.g. GCP-f at the FLOPs fraction that gives 0.5 latency). Default: --target for the "
-             "latency and throughput objectives."),
+    recover: str = typer.Option("all", "--recover", help=_HELP["recover"]),
+    measure: bool = typer.Option(True, "--measure/--no-measure", help=_HELP["measure"]),
+    latency_target: Optional[float] = typer.Option(None, "--latency-target", min=0.01, max=1.0, help=_HELP["latency_target"]),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", min=0.0, help="Peak fine-tuning lr."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Fine-tuning batch size."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distill from this checkpoint while fine-tuning."),
-    min_keep: float = typer.Option(0.2, "--min-keep", min=0.0, max=1.0,
-                                   help="Every channel group keeps at least this fraction of its channels."),
+    min_keep: float = typer.Option(0.2, "--min-keep", min=0.0, max=1.0, help=_HELP["min_keep"]),
     chart: Optional[Path] = typer.Option(None, "--chart", help="Write the per-layer width chart (PNG) here."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    patience: float = typer.Option(
-        180.0, "--patience", min=0.0,
-        help="Seconds one device measurement may wait for a shared host's fast state before it settles for "
-             "what it has (logged as settled=false)."),
+    patience: float = typer.Option(180.0, "--patience", min=0.0, help=_HELP["patience"]),
     quick: bool = typer.Option(False, "--quick", help="Short device measurements (smoke tests, not for results)."),
     supernet: Optional[Path] = typer.Option(None, "--supernet", help="search: reuse this trained supernet."),
-    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.0,
-                                                   help="search, lstm: wall-time budget of the method itself."),
-    option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
-                                     help="A method setting (repeatable); `hwprune methods` lists each method's."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.0, help=_HELP["budget_minutes"]),
+    option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE", help=_HELP["option"]),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prune a checkpoint to a cost target met on the device, optionally fine-tune, and save the smaller model."""
-    from hwprune.atomic import check_writable
-    from hwprune.pruning.target import DeviceOptions, Finetune, prune_to_target
-
-    if out.resolve() == checkpoint.resolve():
-        raise HwpruneError("--out must differ from --checkpoint: the base checkpoint is never overwritten")
-    check_writable(out)
-    _set_threads(threads)
-    res = prune_to_target(
-        checkpoint, method, objective, target, predictor=_predictor(table, predictor), table=table, data=data,
-        latency_target=latency_target, min_keep=min_keep, round_hw=round_hw,
-        device=DeviceOptions(measure=measure, patience_s=patience, quick=quick),
-        finetune=Finetune(finetune_epochs, finetune_lr, batch_size, str(teacher) if teacher else None),
-        options=_method_options(option, steps=steps, iters=iters, recover=recover, supernet=supernet,
-                                budget_minutes=budget_minutes),
-        finetune_path=out, quiet=as_json)
+    res = _prune_to_target(SimpleNamespace(**locals()))
     res.save(out)
     if chart is not None:
         _chart(res, method, objective, chart)
     _print_result(res, out, as_json)
+
+
+def _prune_to_target(a: SimpleNamespace):
+    """Check the paths, then run :func:`~hwprune.pruning.target.prune_to_target` with the command's options."""
+    from hwprune.atomic import check_writable
+    from hwprune.pruning.target import DeviceOptions, Finetune, prune_to_target
+
+    if a.out.resolve() == a.checkpoint.resolve():
+        raise HwpruneError("--out must differ from --checkpoint: the base checkpoint is never overwritten")
+    check_writable(a.out)
+    _set_threads(a.threads)
+    return prune_to_target(
+        a.checkpoint, a.method, a.objective, a.target, predictor=_predictor(a.table, a.predictor), table=a.table,
+        data=a.data, latency_target=a.latency_target, min_keep=a.min_keep, round_hw=a.round_hw,
+        device=DeviceOptions(measure=a.measure, patience_s=a.patience, quick=a.quick),
+        finetune=Finetune(a.finetune_epochs, a.finetune_lr, a.batch_size, str(a.teacher) if a.teacher else None),
+        options=_method_options(a.option, steps=a.steps, iters=a.iters, recover=a.recover, supernet=a.supernet,
+                                budget_minutes=a.budget_minutes),
+        finetune_path=a.out, quiet=a.as_json)
 
 
 def _method_options(pairs: list[str], **given) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -11,10 +12,10 @@ import typer
 
 from hwprune.training.checkpoint import Checkpoint
 from hwprune.cli import app, console
-from hwprune.training.data import load_dataset, load_splits
+from hwprune.training.data import load_splits
 from hwprune.errors import HwpruneError
 from hwprune.models import create_model
-from hwprune.training.train import PRECISIONS, SCHEDULES, TrainConfig, evaluate, evaluate_checkpoint, train
+from hwprune.training.train import PRECISIONS, SCHEDULES, TrainConfig, evaluate_checkpoint, train
 
 
 @app.command("train")
@@ -46,40 +47,48 @@ def train_cmd(
     if (model is None) == (checkpoint is None):
         raise HwpruneError("pass exactly one of --model and --checkpoint",
                            hint="--model NAME trains from scratch, --checkpoint CK fine-tunes")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, warmup_epochs=warmup_epochs,
-                      weight_decay=weight_decay, label_smoothing=label_smoothing,
-                      teacher=str(teacher) if teacher else None, distill_alpha=distill_alpha,
-                      distill_temperature=distill_temperature, seed=seed, threads=threads, precision=precision,
-                      device=device, eval_every=eval_every)
+    cfg = _train_config(dict(locals()))
     cfg.validate()
     if threads:
         torch.set_num_threads(threads)
+    source, splits, size = _source_and_data(model, checkpoint, data, image_size, seed)
+    name = source.arch if isinstance(source, Checkpoint) else source.name
+    console.print(f"training {name} on {len(splits.train)} images ({len(splits.train.classes)} classes, "
+                  f"{size}x{size}), test {len(splits.test) if splits.test is not None else 'none'}; "
+                  f"{epochs} epochs, batch {batch_size}, lr {cfg.peak_lr():g}, threads {torch.get_num_threads()}",
+                  highlight=False)
+    _print_result(train(source, splits, cfg, out, resume=resume, progress=True), as_json)
+
+
+def _train_config(options: dict) -> TrainConfig:
+    """The :class:`TrainConfig` of the command's options (each named as its field; the rest default)."""
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in options.items() if k in names}
+    given["teacher"] = str(given["teacher"]) if given.get("teacher") else None
+    return TrainConfig(**given)
+
+
+def _source_and_data(model: Optional[str], checkpoint: Optional[Path], data: Path, image_size: Optional[int],
+                     seed: int):
+    """(checkpoint or freshly built model, data splits, image size) for ``--model`` or ``--checkpoint``."""
     if checkpoint is not None:
         source = Checkpoint.load(checkpoint)
         size = image_size or source.input_size[1]
-        num_classes = source.num_classes
-    else:
-        source = None
-        size = image_size or create_model(model).input_size[1]
+        return source, load_splits(data, image_size=size), size
+    size = image_size or create_model(model).input_size[1]
     splits = load_splits(data, image_size=size)
-    if source is None:
-        num_classes = len(splits.train.classes)
-        torch.manual_seed(seed)
-        source = create_model(model, num_classes=num_classes, input_size=size)
-    console.print(f"training {source.arch if isinstance(source, Checkpoint) else source.name} on {len(splits.train)} "
-                  f"images ({len(splits.train.classes)} classes, {size}x{size}), "
-                  f"test {len(splits.test) if splits.test is not None else 'none'}; "
-                  f"{epochs} epochs, batch {batch_size}, lr {cfg.peak_lr():g}, threads {torch.get_num_threads()}",
-                  highlight=False)
-    result = train(source, splits, cfg, out, resume=resume, progress=True)
-    summary = {"checkpoint": str(result.checkpoint), "epochs": result.epochs, "top1": result.top1,
-               "top5": result.top5, "seconds": result.seconds}
+    torch.manual_seed(seed)
+    return create_model(model, num_classes=len(splits.train.classes), input_size=size), splits, size
+
+
+def _print_result(result, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary))
-    else:
-        acc = f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%" if result.top1 is not None else "no test split"
-        console.print(f"wrote {result.checkpoint}: {acc} after {result.epochs} epochs "
-                      f"({result.seconds / 60:.1f} min)", highlight=False)
+        print(json.dumps({"checkpoint": str(result.checkpoint), "epochs": result.epochs, "top1": result.top1,
+                          "top5": result.top5, "seconds": result.seconds}))
+        return
+    acc = f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%" if result.top1 is not None else "no test split"
+    console.print(f"wrote {result.checkpoint}: {acc} after {result.epochs} epochs "
+                  f"({result.seconds / 60:.1f} min)", highlight=False)
 
 
 @app.command("eval")

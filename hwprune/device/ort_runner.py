@@ -26,11 +26,15 @@ import numpy as np
 from hwprune.profiling.measure import MeasureConfig, Measurement, Stats, collect, measure, measure_pair, time_once
 
 
+#: ONNX Runtime's graph optimisation levels by name ("disabled": the graph runs as exported)
+GRAPH_OPTIMIZATIONS = ("disabled", "basic", "extended", "all")
+
+
 @dataclass(frozen=True)
 class OrtSettings:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
-    graph_optimization: str = "all"  # "basic" | "extended" | "all"
+    graph_optimization: str = "all"  # one of GRAPH_OPTIMIZATIONS
     spinning: bool = True
     provider: str = "CPUExecutionProvider"
 
@@ -54,6 +58,7 @@ def _session_options(s: OrtSettings):
     so.inter_op_num_threads = s.inter_op_threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -198,55 +203,71 @@ def profile_model(onnx_path: str | Path, settings: OrtSettings, cfg: MeasureConf
     Nodes whose time is unstable are measured again (up to ``cfg.retries`` times); the
     attempt with the least time in unstable nodes is kept.
     """
-    import onnxruntime as ort
-
     best: list[NodeSamples] | None = None
     best_bad = float("inf")
     for attempt in range(cfg.retries + 1):
-        so = _session_options(settings)
         tmpdir = tempfile.mkdtemp(prefix="hwprune-prof-")
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmpdir, "p")
-        weights = None
-        if optimized_path is not None and attempt == 0:
-            so.optimized_model_filepath = str(optimized_path)
-            weights = Path(optimized_path).name + ".weights"
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights)
-            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        sess = ort.InferenceSession(str(onnx_path), so, providers=[settings.provider])
-        if weights is not None:
-            try:
-                os.remove(Path(optimized_path).parent / weights)
-            except OSError:
-                pass
-        feeds = _feeds(sess)
-        runs = 0
-
-        def step() -> float:
-            nonlocal runs
-            sess.run(None, feeds)
-            runs += 1
-            return 0.0  # the times come from the profile; the protocol only decides how many runs
-
-        step()  # the first run, dropped with the warm-up below
-        timed = collect(step, replace(cfg, max_iters=min(cfg.max_iters, cfg.profile_max_iters)))
-        skip = runs - len(timed)
-        prof = sess.end_profiling()
-        try:
-            nodes = _parse_profile(prof, skip)
-        finally:
-            try:
-                os.remove(prof)
-                os.rmdir(tmpdir)
-            except OSError:
-                pass
-        total = sum(float(np.median(x.samples_ms)) for x in nodes) or 1.0
-        bad = sum(float(np.median(x.samples_ms)) for x in nodes
-                  if x.stats(cfg.cov_threshold).unstable) / total
+        sess = _profiling_session(onnx_path, settings, tmpdir, optimized_path if attempt == 0 else None)
+        nodes = _profiled_nodes(sess, cfg, tmpdir)
+        bad = _unstable_share(nodes, cfg.cov_threshold)
         if bad < best_bad:
             best, best_bad = nodes, bad
         if bad <= 0.1:
             break
     assert best is not None
     return [n.record(cfg.cov_threshold) for n in best]
+
+
+def _profiling_session(onnx_path: str | Path, settings: OrtSettings, tmpdir: str,
+                       optimized_path: str | Path | None):
+    """A session that profiles into ``tmpdir`` and, with ``optimized_path``, writes its optimised graph there."""
+    import onnxruntime as ort
+
+    so = _session_options(settings)
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tmpdir, "p")
+    weights = None
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+        weights = Path(optimized_path).name + ".weights"
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    sess = ort.InferenceSession(str(onnx_path), so, providers=[settings.provider])
+    if weights is not None:
+        try:
+            os.remove(Path(optimized_path).parent / weights)
+        except OSError:
+            pass
+    return sess
+
+
+def _profiled_nodes(sess, cfg: MeasureConfig, tmpdir: str) -> list[NodeSamples]:
+    """Run ``sess`` as the protocol says and read each node's samples from its profile (warm-up dropped)."""
+    feeds = _feeds(sess)
+    runs = 0
+
+    def step() -> float:
+        nonlocal runs
+        sess.run(None, feeds)
+        runs += 1
+        return 0.0  # the times come from the profile; the protocol only decides how many runs
+
+    step()  # the first run, dropped with the warm-up below
+    timed = collect(step, replace(cfg, max_iters=min(cfg.max_iters, cfg.profile_max_iters)))
+    skip = runs - len(timed)
+    prof = sess.end_profiling()
+    try:
+        return _parse_profile(prof, skip)
+    finally:
+        try:
+            os.remove(prof)
+            os.rmdir(tmpdir)
+        except OSError:
+            pass
+
+
+def _unstable_share(nodes: list[NodeSamples], cov_threshold: float) -> float:
+    """The share of the summed node medians that lies in unstable nodes."""
+    total = sum(float(np.median(x.samples_ms)) for x in nodes) or 1.0
+    return sum(float(np.median(x.samples_ms)) for x in nodes if x.stats(cov_threshold).unstable) / total
 

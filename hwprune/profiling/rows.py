@@ -160,57 +160,12 @@ class UnitSpec:
 
     def to_onnx(self, path: str | Path, opset: int = 17) -> Path:
         """Write this unit as a small ONNX model (needs the ``onnx`` package, not torch)."""
-        import numpy as np
         import onnx
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import TensorProto, helper
 
-        rng = np.random.default_rng(0)
-        nodes, inits = [], []
-        shapes = self.input_shapes()
-        inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in shapes.items()]
-        cur = "x"
-        if self.op == "conv":
-            wshape = (self.cout, self.cin // self.groups, self.kh, self.kw)
-            inits.append(numpy_helper.from_array(rng.standard_normal(wshape).astype(np.float32) * 0.1, "W"))
-            inits.append(numpy_helper.from_array(rng.standard_normal(self.cout).astype(np.float32) * 0.1, "B"))
-            nodes.append(helper.make_node(
-                "Conv", [cur, "W", "B"], ["conv_out"], name="unit/Conv", group=self.groups,
-                kernel_shape=[self.kh, self.kw], strides=[self.stride] * 2, pads=[self.pad] * 4,
-                dilations=[self.dilation] * 2))
-            cur = "conv_out"
-        elif self.op == "linear":
-            inits.append(numpy_helper.from_array(rng.standard_normal((self.cout, self.cin)).astype(np.float32) * 0.1, "W"))
-            inits.append(numpy_helper.from_array(rng.standard_normal(self.cout).astype(np.float32) * 0.1, "B"))
-            nodes.append(helper.make_node("Gemm", [cur, "W", "B"], ["fc_out"], name="unit/Gemm", transB=1))
-            cur = "fc_out"
-        elif self.op in ("maxpool", "avgpool"):
-            nodes.append(helper.make_node(
-                "MaxPool" if self.op == "maxpool" else "AveragePool", [cur], ["pool_out"], name="unit/Pool",
-                kernel_shape=[self.kh, self.kw], strides=[self.stride] * 2, pads=[self.pad] * 4))
-            cur = "pool_out"
-        elif self.op == "gap":
-            nodes.append(helper.make_node("GlobalAveragePool", [cur], ["pool_out"], name="unit/GlobalAveragePool"))
-            cur = "pool_out"
-        else:
-            raise ValueError(f"unknown unit op '{self.op}'")
-        if self.fused_add:
-            nodes.append(helper.make_node("Add", [cur, "z"], ["add_out"], name="unit/Add"))
-            cur = "add_out"
-        act = {"relu": "Relu", "sigmoid": "Sigmoid", "hardswish": "HardSwish"}.get(self.activation)
-        if act:
-            nodes.append(helper.make_node(act, [cur], ["act_out"], name=f"unit/{act}"))
-            cur = "act_out"
-        elif self.activation == "relu6":
-            inits += [numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-                      numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
-            nodes.append(helper.make_node("Clip", [cur, "lo", "hi"], ["act_out"], name="unit/Clip"))
-            cur = "act_out"
-        elif self.activation == "silu":
-            nodes.append(helper.make_node("Sigmoid", [cur], ["sig"], name="unit/Sigmoid"))
-            nodes.append(helper.make_node("Mul", [cur, "sig"], ["act_out"], name="unit/Mul"))
-            cur = "act_out"
-        elif self.activation:
-            raise ValueError(f"unknown activation '{self.activation}'")
+        inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in self.input_shapes().items()]
+        nodes, inits, cur = self._onnx_layer()
+        cur = self._onnx_epilogue(nodes, inits, cur)
         nodes.append(helper.make_node("Identity", [cur], ["y"], name="unit/Out"))
         oh, ow = self.out_hw
         yshape = [self.batch, self.cout] if self.op == "linear" else [self.batch, self.cout, oh, ow]
@@ -224,6 +179,61 @@ class UnitSpec:
         path = Path(path)
         onnx.save(model, str(path))
         return path
+
+    def _onnx_layer(self) -> tuple[list, list, str]:
+        """(nodes, initializers, output tensor) of the unit's main operation on input ``x``."""
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        nodes, inits = [], []
+        if self.op in ("conv", "linear"):
+            wshape = (self.cout, self.cin // self.groups, self.kh, self.kw) if self.op == "conv" else \
+                (self.cout, self.cin)
+            inits.append(numpy_helper.from_array(rng.standard_normal(wshape).astype(np.float32) * 0.1, "W"))
+            inits.append(numpy_helper.from_array(rng.standard_normal(self.cout).astype(np.float32) * 0.1, "B"))
+        if self.op == "conv":
+            nodes.append(helper.make_node(
+                "Conv", ["x", "W", "B"], ["conv_out"], name="unit/Conv", group=self.groups,
+                kernel_shape=[self.kh, self.kw], strides=[self.stride] * 2, pads=[self.pad] * 4,
+                dilations=[self.dilation] * 2))
+            return nodes, inits, "conv_out"
+        if self.op == "linear":
+            nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["fc_out"], name="unit/Gemm", transB=1))
+            return nodes, inits, "fc_out"
+        if self.op in ("maxpool", "avgpool"):
+            nodes.append(helper.make_node(
+                "MaxPool" if self.op == "maxpool" else "AveragePool", ["x"], ["pool_out"], name="unit/Pool",
+                kernel_shape=[self.kh, self.kw], strides=[self.stride] * 2, pads=[self.pad] * 4))
+            return nodes, inits, "pool_out"
+        if self.op == "gap":
+            nodes.append(helper.make_node("GlobalAveragePool", ["x"], ["pool_out"], name="unit/GlobalAveragePool"))
+            return nodes, inits, "pool_out"
+        raise ValueError(f"unknown unit op '{self.op}'")
+
+    def _onnx_epilogue(self, nodes: list, inits: list, cur: str) -> str:
+        """Append the residual Add and the activation after tensor ``cur``; returns the new output tensor."""
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        if self.fused_add:
+            nodes.append(helper.make_node("Add", [cur, "z"], ["add_out"], name="unit/Add"))
+            cur = "add_out"
+        act = {"relu": "Relu", "sigmoid": "Sigmoid", "hardswish": "HardSwish"}.get(self.activation)
+        if act:
+            nodes.append(helper.make_node(act, [cur], ["act_out"], name=f"unit/{act}"))
+        elif self.activation == "relu6":
+            inits += [numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+                      numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+            nodes.append(helper.make_node("Clip", [cur, "lo", "hi"], ["act_out"], name="unit/Clip"))
+        elif self.activation == "silu":
+            nodes.append(helper.make_node("Sigmoid", [cur], ["sig"], name="unit/Sigmoid"))
+            nodes.append(helper.make_node("Mul", [cur, "sig"], ["act_out"], name="unit/Mul"))
+        elif self.activation:
+            raise ValueError(f"unknown activation '{self.activation}'")
+        else:
+            return cur
+        return "act_out"
 
 
 #: Shape of the tensor the probe chains pass along: about a microsecond per node on a CPU.

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hwprune.atomic import atomic_write
 from hwprune.errors import HwpruneError
 from hwprune.models import ModelSpec, create_model
 
@@ -110,18 +110,7 @@ class Checkpoint:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the target folder, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_torch_load(path: str | os.PathLike, what: str) -> Any:

@@ -25,7 +25,6 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from hwprune.atomic import atomic_write
 from hwprune.errors import HwpruneError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -313,16 +313,7 @@ def _stratified(labels: np.ndarray, num_classes: int, per_class: int, seed: int)
 
 
 def _atomic_savez(path: Path, compress: bool, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays))
 
 
 # ----------------------------------------------------------------------------- batches

@@ -120,16 +120,72 @@ def train(model: ModelSpec | Checkpoint, data: Splits, cfg: TrainConfig, out_pat
     """
     cfg.validate()
     out_path, state_path, log_path = Path(out_path), state_path_for(out_path), log_path_for(out_path)
-    if isinstance(model, Checkpoint):
-        spec, widths, parent_meta = model.build_model(), model.widths, dict(model.meta)
-        norm = parent_meta.get("data", {})
-        if "mean" in norm and "std" in norm:  # keep the normalisation the weights were trained with
-            data = Splits(data.train.with_normalization(norm["mean"], norm["std"]),
-                          data.test.with_normalization(norm["mean"], norm["std"]) if data.test is not None else None)
-    else:
-        spec, widths, parent_meta = model, None, {}
+    spec, widths, parent_meta, data = _unpack_model(model, data)
     _check_fit(spec, data.train)
+    loop = _setup_loop(spec, widths, data.train, cfg)
+    start_epoch, seconds = _start_or_resume(loop, out_path, state_path, log_path, resume, progress)
+    top1 = top5 = None
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        record = _train_epoch(loop, epoch, progress)
+        last = epoch + 1 == cfg.epochs
+        if data.test is not None and (epoch == 0 or last or (epoch + 1) % max(1, cfg.eval_every) == 0):
+            top1, top5 = _test_accuracy(loop, data.test)
+            record.update(test_top1=top1, test_top5=top5)
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        seconds += record["seconds"]
+        _save_state(state_path, loop.identity, spec, loop.net, loop.optimizer, loop.scaler, epoch + 1, seconds, cfg)
+        _log_epoch(log_path, record, cfg, progress)
 
+    if top1 is None and data.test is not None:  # resumed after the last epoch: measure again
+        top1, top5 = _test_accuracy(loop, data.test)
+    meta = _final_meta(parent_meta, data.train, cfg, top1, top5, seconds, loop.device, loop.amp_dtype)
+    Checkpoint.from_model(ModelSpec(spec.name, loop.net, spec.input_size, spec.num_classes), widths, meta).save(out_path)
+    return TrainResult(checkpoint=out_path, state_path=state_path, log_path=log_path, epochs=cfg.epochs,
+                       top1=top1, top5=top5, seconds=round(seconds, 2))
+
+
+@dataclass
+class _Loop:
+    """What every epoch of one training run uses."""
+
+    cfg: TrainConfig
+    net: torch.nn.Module
+    teacher: torch.nn.Module | None
+    loader: BatchLoader
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    identity: dict  # what a saved state must match to be resumed
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.loader) * self.cfg.epochs
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.cfg.warmup_epochs * len(self.loader)))
+
+
+def _unpack_model(model: ModelSpec | Checkpoint, data: Splits) -> tuple[ModelSpec, dict | None, dict, Splits]:
+    """(spec, widths, parent meta, data): a checkpoint's data keeps the normalisation it was trained with."""
+    if not isinstance(model, Checkpoint):
+        return model, None, {}, data
+    spec, widths, parent_meta = model.build_model(), model.widths, dict(model.meta)
+    norm = parent_meta.get("data", {})
+    if "mean" in norm and "std" in norm:
+        data = Splits(data.train.with_normalization(norm["mean"], norm["std"]),
+                      data.test.with_normalization(norm["mean"], norm["std"]) if data.test is not None else None)
+    return spec, widths, parent_meta, data
+
+
+def _setup_loop(spec: ModelSpec, widths: dict | None, train_set: ImageDataset, cfg: TrainConfig) -> _Loop:
+    """Seed, place the model (and teacher) on the device, build the loader, optimizer and loss scaler."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -140,81 +196,81 @@ def train(model: ModelSpec | Checkpoint, data: Splits, cfg: TrainConfig, out_pat
     net = spec.module.to(device=device, memory_format=memory_format)
     teacher = _load_teacher(cfg, spec, device, memory_format)
 
-    loader = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, drop_last=True,
+    loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, drop_last=True,
                          device=device, channels_last=channels_last)
     if len(loader) == 0:
-        raise HwpruneError(f"the training split has {len(data.train)} images, fewer than one batch of {cfg.batch_size}",
+        raise HwpruneError(f"the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}",
                            hint="lower --batch-size")
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.peak_lr(), momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    start_epoch, seconds = 0, 0.0
     identity = {"arch": spec.name, "widths": widths, "num_classes": spec.num_classes}
+    return _Loop(cfg=cfg, net=net, teacher=teacher, loader=loader, optimizer=optimizer, scaler=scaler,
+                 device=device, amp_dtype=amp_dtype, identity=identity)
+
+
+def _start_or_resume(loop: _Loop, out_path: Path, state_path: Path, log_path: Path, resume: bool,
+                     progress: bool) -> tuple[int, float]:
+    """(first epoch, seconds already spent): restored from ``state_path``, or 0 with an empty log."""
     if resume and state_path.exists():
-        start_epoch, seconds = _restore(state_path, identity, net, optimizer, scaler, device)
+        start_epoch, seconds = _restore(state_path, loop.identity, loop.net, loop.optimizer, loop.scaler,
+                                        loop.device)
         if progress:
             _console.print(f"resuming {out_path} from epoch {start_epoch} ({state_path})")
-    else:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
+        return start_epoch, seconds
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
+    return 0, 0.0
 
-    steps_per_epoch, total_steps = len(loader), len(loader) * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    top1 = top5 = None
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        loader.set_epoch(epoch)
-        net.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        with _progress_bar(progress, f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch) as advance:
-            for i, (x, y) in enumerate(loader):
-                lr = _lr_at(epoch * steps_per_epoch + i, total_steps, warmup_steps, cfg.peak_lr(), cfg.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with _autocast(device, amp_dtype):
-                    logits = net(x)
-                    t_logits = teacher(x) if teacher is not None else None
-                loss = _loss(logits.float(), y, cfg, None if t_logits is None else t_logits.float())
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                loss_sum += loss.detach() * y.shape[0]
-                correct += (logits.argmax(1) == y).sum()
-                seen += y.shape[0]
-                advance()
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(loss_sum.item() / seen, 5),
-                                  "train_acc": round(100.0 * correct.item() / seen, 3), "test_top1": None,
-                                  "test_top5": None, "lr": lr}
-        last = epoch + 1 == cfg.epochs
-        if data.test is not None and (epoch == 0 or last or (epoch + 1) % max(1, cfg.eval_every) == 0):
-            acc = evaluate(net, data.test, batch_size=max(cfg.batch_size, 256), device=device)
-            top1, top5 = acc["top1"], acc["top5"]
-            record.update(test_top1=top1, test_top5=top5)
-        record["seconds"] = round(time.perf_counter() - t0, 2)
-        seconds += record["seconds"]
-        _save_state(state_path, identity, spec, net, optimizer, scaler, epoch + 1, seconds, cfg)
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if progress:
-            test = f"  test {record['test_top1']:.2f}%" if record["test_top1"] is not None else ""
-            _console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
-                           f"acc {record['train_acc']:.2f}%{test}  lr {lr:.4g}  {record['seconds']:.1f}s", highlight=False)
 
-    if top1 is None and data.test is not None:  # resumed after the last epoch: measure again
-        acc = evaluate(net, data.test, batch_size=max(cfg.batch_size, 256), device=device)
-        top1, top5 = acc["top1"], acc["top5"]
-    meta = _final_meta(parent_meta, data.train, cfg, top1, top5, seconds, device, amp_dtype)
-    Checkpoint.from_model(ModelSpec(spec.name, net, spec.input_size, spec.num_classes), widths, meta).save(out_path)
-    return TrainResult(checkpoint=out_path, state_path=state_path, log_path=log_path, epochs=cfg.epochs,
-                       top1=top1, top5=top5, seconds=round(seconds, 2))
+def _train_epoch(loop: _Loop, epoch: int, progress: bool) -> dict[str, Any]:
+    """One pass over the training split; the epoch's log record (test accuracy not yet measured)."""
+    cfg, net, optimizer, scaler = loop.cfg, loop.net, loop.optimizer, loop.scaler
+    steps_per_epoch, total_steps, warmup_steps = loop.steps_per_epoch, loop.total_steps, loop.warmup_steps
+    loop.loader.set_epoch(epoch)
+    net.train()
+    loss_sum = torch.zeros((), device=loop.device)
+    correct = torch.zeros((), device=loop.device, dtype=torch.long)
+    seen = 0
+    with _progress_bar(progress, f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch) as advance:
+        for i, (x, y) in enumerate(loop.loader):
+            lr = _lr_at(epoch * steps_per_epoch + i, total_steps, warmup_steps, cfg.peak_lr(), cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(loop.device, loop.amp_dtype):
+                logits = net(x)
+                t_logits = loop.teacher(x) if loop.teacher is not None else None
+            loss = _loss(logits.float(), y, cfg, None if t_logits is None else t_logits.float())
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.shape[0]
+            advance()
+    return {"epoch": epoch + 1, "train_loss": round(loss_sum.item() / seen, 5),
+            "train_acc": round(100.0 * correct.item() / seen, 3), "test_top1": None, "test_top5": None, "lr": lr}
+
+
+def _test_accuracy(loop: _Loop, test: ImageDataset) -> tuple[float, float]:
+    acc = evaluate(loop.net, test, batch_size=max(loop.cfg.batch_size, 256), device=loop.device)
+    return acc["top1"], acc["top5"]
+
+
+def _log_epoch(log_path: Path, record: dict[str, Any], cfg: TrainConfig, progress: bool) -> None:
+    """Append the epoch's record to the JSON-lines log and print one line."""
+    with log_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if progress:
+        test = f"  test {record['test_top1']:.2f}%" if record["test_top1"] is not None else ""
+        _console.print(f"epoch {record['epoch']}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                       f"acc {record['train_acc']:.2f}%{test}  lr {record['lr']:.4g}  {record['seconds']:.1f}s",
+                       highlight=False)
 
 
 @torch.no_grad()

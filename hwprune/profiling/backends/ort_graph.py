@@ -104,76 +104,80 @@ class OrtGraphReader:
         pending_reorders = []
         for ns in samples:
             node = self.opt.nodes.get(ns.name)
-            op = ns.op
-            domain = node.domain if node is not None else ""
-            if domain == "com.microsoft.nchwc":
-                op = f"nchwc.{ns.op}"
-            attrs = _attrs(node) if node is not None else {}
-            ins = ns.input_shapes
-            x = ins[0] if ins else []
-            batch = int(x[0]) if x else 1
-            h, w = (int(x[2]), int(x[3])) if len(x) == 4 else (1, 1)
-            cin_exec = int(x[1]) if len(x) >= 2 else 0
-            outs = ns.output_shapes
-            cout_exec = int(outs[0][1]) if outs and len(outs[0]) >= 2 else cin_exec
-            kh = kw = 1
-            stride = groups = dilation = 1
-            kernel = tuple(attrs.get("kernel_shape", ()))
-            if kernel:
-                kh, kw = int(kernel[0]), int(kernel[-1])
-            if attrs.get("strides"):
-                stride = int(attrs["strides"][0])
-            if attrs.get("dilations"):
-                dilation = int(attrs["dilations"][0])
-            groups = int(attrs.get("group", 1))
-            activation = str(attrs.get("activation", ""))
-            fused_add = False
-            if node is not None and ns.op in ("Conv", "FusedConv") and len(node.input) >= 4 and node.input[3]:
-                fused_add = True
-            if ns.op in ("Conv", "FusedConv") and len(ins) >= 2 and len(ins[1]) == 4:
-                cout_exec = int(ins[1][0])
-            cin, cout = cin_exec, cout_exec
-            layer = ""
-            src = self.source_node(ns.name, kernel or None)
-            if src is not None:
-                layer = onnx_node_to_module(src.name)
-                if src.op_type == "Conv" and src.input[1] in self.src.inits:
-                    wshape = self.src.inits[src.input[1]]
-                    g = int(_attrs(src).get("group", 1))
-                    cout, cin = int(wshape[0]), int(wshape[1]) * g
-                    groups = g
-                elif src.op_type == "Gemm" and src.input[1] in self.src.inits:
-                    wshape = self.src.inits[src.input[1]]
-                    trans_b = int(_attrs(src).get("transB", 0))
-                    cout, cin = (int(wshape[0]), int(wshape[1])) if trans_b else (int(wshape[1]), int(wshape[0]))
-                elif src.input and src.input[0] in self.src.shapes:
-                    shp = self.src.shapes[src.input[0]]
-                    cin = cout = int(shp[1]) if len(shp) >= 2 else cin
-            key = UnitKey(op=op, cin=cin, cout=cout, kh=kh, kw=kw, stride=stride, groups=groups,
-                          dilation=dilation, h=h, w=w, batch=batch, activation=activation, fused_add=fused_add,
-                          layout="nchwc" if domain == "com.microsoft.nchwc" else "nchw",
-                          cin_exec=cin_exec, cout_exec=cout_exec)
-            lt = LayerTiming(unit=key, stats=ns.stats, node=ns.name, layer=layer)
+            lt = self._row(ns, node)
             rows.append(lt)
-            layer_of_exec[ns.name] = layer
+            layer_of_exec[ns.name] = lt.layer
             if ns.op in ("ReorderInput", "ReorderOutput") and node is not None:
                 pending_reorders.append((lt, node))
-        # Reorders belong to the layer they feed (ReorderInput) or drain (ReorderOutput).
         for lt, node in pending_reorders:
-            layer = ""
-            logical = None
-            if node.op_type == "ReorderInput":
-                logical = self.src.shapes.get(node.input[0])
-                for c in self.opt.consumers.get(node.output[0], []):
-                    layer = layer_of_exec.get(c.name, "") or layer
-            else:
-                logical = self.src.shapes.get(node.output[0])
-                p = self.opt.producer.get(node.input[0])
-                if p is not None:
-                    layer = layer_of_exec.get(p.name, "")
-            lt.layer = layer
-            if logical and len(logical) >= 2:
-                u = lt.unit
-                lt.unit = UnitKey(**{**u.to_dict(), "cin": int(logical[1]), "cout": int(logical[1])})
+            self._attach_reorder(lt, node, layer_of_exec)
         return rows
 
+    def _row(self, ns: NodeRecord, node) -> LayerTiming:
+        """The row of one executed node: executed shapes from the profile, logical channels from the source."""
+        nchwc = node is not None and node.domain == "com.microsoft.nchwc"
+        attrs = _attrs(node) if node is not None else {}
+        geo = _executed_geometry(ns, attrs)
+        fused_add = (node is not None and ns.op in ("Conv", "FusedConv") and len(node.input) >= 4
+                     and bool(node.input[3]))
+        kernel = tuple(attrs.get("kernel_shape", ()))
+        src = self.source_node(ns.name, kernel or None)
+        layer = onnx_node_to_module(src.name) if src is not None else ""
+        cin, cout, groups = self._logical_channels(src, geo["cin_exec"], geo["cout_exec"], geo.pop("groups"))
+        key = UnitKey(op=f"nchwc.{ns.op}" if nchwc else ns.op, cin=cin, cout=cout, groups=groups, **geo,
+                      activation=str(attrs.get("activation", "")), fused_add=fused_add,
+                      layout="nchwc" if nchwc else "nchw")
+        return LayerTiming(unit=key, stats=ns.stats, node=ns.name, layer=layer)
+
+    def _logical_channels(self, src, cin: int, cout: int, groups: int) -> tuple[int, int, int]:
+        """(cin, cout, groups) of the source layer: from its weights, else its input shape, else as executed."""
+        if src is None:
+            return cin, cout, groups
+        if src.op_type == "Conv" and src.input[1] in self.src.inits:
+            wshape = self.src.inits[src.input[1]]
+            g = int(_attrs(src).get("group", 1))
+            return int(wshape[1]) * g, int(wshape[0]), g
+        if src.op_type == "Gemm" and src.input[1] in self.src.inits:
+            wshape = self.src.inits[src.input[1]]
+            trans_b = int(_attrs(src).get("transB", 0))
+            cout, cin = (int(wshape[0]), int(wshape[1])) if trans_b else (int(wshape[1]), int(wshape[0]))
+            return cin, cout, groups
+        if src.input and src.input[0] in self.src.shapes:
+            shp = self.src.shapes[src.input[0]]
+            cin = cout = int(shp[1]) if len(shp) >= 2 else cin
+        return cin, cout, groups
+
+    def _attach_reorder(self, lt: LayerTiming, node, layer_of_exec: dict[str, str]) -> None:
+        """A reorder belongs to the layer it feeds (ReorderInput) or drains (ReorderOutput), at its logical width."""
+        layer = ""
+        if node.op_type == "ReorderInput":
+            logical = self.src.shapes.get(node.input[0])
+            for c in self.opt.consumers.get(node.output[0], []):
+                layer = layer_of_exec.get(c.name, "") or layer
+        else:
+            logical = self.src.shapes.get(node.output[0])
+            p = self.opt.producer.get(node.input[0])
+            if p is not None:
+                layer = layer_of_exec.get(p.name, "")
+        lt.layer = layer
+        if logical and len(logical) >= 2:
+            u = lt.unit
+            lt.unit = UnitKey(**{**u.to_dict(), "cin": int(logical[1]), "cout": int(logical[1])})
+
+
+def _executed_geometry(ns: NodeRecord, attrs: dict) -> dict[str, int]:
+    """Batch, spatial size, executed channels, kernel, stride, dilation and groups of a profiled node."""
+    ins = ns.input_shapes
+    x = ins[0] if ins else []
+    cin_exec = int(x[1]) if len(x) >= 2 else 0
+    outs = ns.output_shapes
+    cout_exec = int(outs[0][1]) if outs and len(outs[0]) >= 2 else cin_exec
+    if ns.op in ("Conv", "FusedConv") and len(ins) >= 2 and len(ins[1]) == 4:
+        cout_exec = int(ins[1][0])
+    kernel = tuple(attrs.get("kernel_shape", ()))
+    kh, kw = (int(kernel[0]), int(kernel[-1])) if kernel else (1, 1)
+    h, w = (int(x[2]), int(x[3])) if len(x) == 4 else (1, 1)
+    return {"batch": int(x[0]) if x else 1, "h": h, "w": w, "cin_exec": cin_exec, "cout_exec": cout_exec,
+            "kh": kh, "kw": kw, "stride": int(attrs["strides"][0]) if attrs.get("strides") else 1,
+            "dilation": int(attrs["dilations"][0]) if attrs.get("dilations") else 1,
+            "groups": int(attrs.get("group", 1))}
