@@ -42,6 +42,7 @@ VARIANTS = {  # row label: (registered method, objective, meet the latency targe
     "gcp-f": ("gcp", "flops", True),
     "gcp-p": ("gcp", "params", True),
     "gcp-lambda": ("gcp", "latency", False),
+    "lstm": ("lstm", "latency", False),
 }
 
 
@@ -82,7 +83,10 @@ def table_for(a) -> Path:
 
 
 def method_epochs(meta: dict, train_images: int, batch: int = 128) -> float:
-    """Training epochs a method spent inside itself (GCP: regularise and recover phases, and the search)."""
+    """Training epochs a method spent inside itself (GCP: regularise and recover phases, and the search;
+    LSTM: its children's recovery iterations)."""
+    if meta.get("method") == "lstm":
+        return meta["lstm_train_images"] / train_images
     if meta.get("method") != "gcp":
         return 0.0
     per_epoch = max(1, train_images // batch)
@@ -103,10 +107,13 @@ def run_one(a, table: Path, label: str, target: float, seed: int) -> dict:
 
     method, objective, meet = VARIANTS[label]
     torch.manual_seed(seed)
+    options = {"steps": a.steps, "iters": a.iters}
+    if method == "lstm":  # its own seed, and its resumable state beside the row's checkpoint
+        options.update(seed=seed, work_dir=str(a.checkpoints / f"{a.model}_{label}_{target:g}_s{seed}.lstm"))
     t0 = time.perf_counter()
     res = prune_to_target(a.base, method, objective, target, table=table, data=a.data,
                           latency_target=target if meet else None, min_keep=a.min_keep,
-                          options={"steps": a.steps, "iters": a.iters}, quiet=False,
+                          options=options, quiet=False,
                           device=DeviceOptions(patience_s=0 if a.quick else 180, quick=a.quick))
     prune_s = time.perf_counter() - t0
     meta = res.checkpoint.meta

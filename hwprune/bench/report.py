@@ -3,7 +3,8 @@
 Sections (each with a stable id): the device fingerprint and settings, the measured
 results, accuracy versus throughput with its Pareto front (like the PruneNet paper's
 Figure 1), per-layer width charts (kept fraction per channel group, like its Figures 2
-and 3), predicted versus measured latency, and the exact commands that reproduce it.
+and 3), predicted versus measured latency, the layer-sensitivity picture of a checkpoint pruned by
+the ``lstm`` method (:mod:`hwprune.pruning.lstm.sensitivity`), and the exact commands that reproduce it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-SECTIONS = ("device", "results", "pareto", "widths", "predicted", "commands")
+SECTIONS = ("device", "results", "pareto", "widths", "predicted", "sensitivity", "commands")
+CHARTS = (("pareto", "Accuracy versus throughput"), ("widths", "Per-layer widths"),
+          ("predicted", "Predicted versus measured latency"), ("sensitivity", "Layer sensitivity (LSTM controller)"))
 
 
 def _png(fig) -> bytes:
@@ -157,6 +160,9 @@ def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out:
         raise HwpruneError(f"'{bench_json}' is not a bench result written by `hwprune bench --json` ({e})") from None
     cks = _checkpoint_rows([Path(c) for c in checkpoints])
     figs = _figures(doc, cks)
+    from hwprune.pruning.lstm.sensitivity import report_png
+
+    figs["sensitivity"] = report_png([c["path"] for c in cks])
     dev = doc["device"]
     device_rows = [("CPU", f"{dev.get('cpu_model')} ({dev.get('cpu_cores')} cores, {' '.join(dev.get('cpu_flags') or [])})"),
                    ("GPU", ", ".join(f"{g['name']} (driver {g['driver']})" for g in dev.get("gpus") or []) or "none"),
@@ -180,8 +186,7 @@ def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out:
     md += ["| " + " | ".join(str(c) for c in row) + " |" for row in result_rows]
     for s in doc.get("speedups", []):
         md.append(f"\n{s['model']} vs {s['baseline']} at batch {s['batch']}: **{s['speedup']:.2f}x** (interleaved rounds)")
-    for key, title in (("pareto", "Accuracy versus throughput"), ("widths", "Per-layer widths"),
-                       ("predicted", "Predicted versus measured latency")):
+    for key, title in CHARTS:
         md += ["", f"## {title} {{#{key}}}", ""]
         if figs[key]:
             png = Path(f"{stem}_{key}.png")
@@ -190,7 +195,8 @@ def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out:
         else:
             md.append("(no data for this chart: " + {"pareto": "no checkpoint with accuracy among the benched models",
                                                      "widths": "no pruned checkpoint given",
-                                                     "predicted": "bench was run without --table"}[key] + ")")
+                                                     "predicted": "bench was run without --table",
+                                                     "sensitivity": "no checkpoint pruned by the lstm method"}[key] + ")")
     md += ["", "## Reproduce {#commands}", "", "```bash", *commands, "```", ""]
     md_path = atomic_write_text(out.with_suffix(".md"), "\n".join(md))
 
@@ -209,8 +215,7 @@ def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out:
         parts.append(f"<p>{html.escape(s['model'])} vs {html.escape(s['baseline'])} at batch {s['batch']}: "
                      f"<b>{s['speedup']:.2f}x</b></p>")
     parts.append("</section>")
-    for key, title in (("pareto", "Accuracy versus throughput"), ("widths", "Per-layer widths"),
-                       ("predicted", "Predicted versus measured latency")):
+    for key, title in CHARTS:
         body = (f"<img alt='{title}' src='data:image/png;base64,{base64.b64encode(figs[key]).decode()}'>"
                 if figs[key] else "<p>No data for this chart.</p>")
         parts.append(f"<section id='{key}'><h2>{title}</h2>{body}</section>")
