@@ -20,7 +20,7 @@ console = Console(stderr=True)
 
 
 def _register_commands() -> None:
-    from hwprune.cli import bench, noise, predict, profile, prune, quickstart, train  # noqa: F401  (register)
+    from hwprune.cli import bench, calibrate, noise, predict, profile, prune, quickstart, train  # noqa: F401  (register)
 
 
 def main(argv: list[str] | None = None) -> None:

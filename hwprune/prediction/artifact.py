@@ -6,7 +6,7 @@ what the fitted one does.
 
 The artifact is a zip archive of two members:
 
-* ``hwprune.json``, the header: the format, :data:`hwprune.prediction.predictor.FEATURE_VERSION`, the
+* ``hwprune.json``, the header: the format, :data:`hwprune.prediction.features.FEATURE_VERSION`, the
   versions of hwprune, scikit-learn, skops and numpy that saved it, the name and SHA-256
   of the table it was fitted on, the predictor's parameters and a summary. It is read and
   checked before anything else is.
@@ -50,9 +50,10 @@ import numpy as np
 
 from hwprune.errors import HwpruneError, TableError
 from hwprune.atomic import atomic_write_bytes
+from hwprune.prediction.features import FEATURE_VERSION
+from hwprune.prediction.predictor import LatencyPredictor
 
 if TYPE_CHECKING:
-    from hwprune.prediction.predictor import LatencyPredictor
     from hwprune.profiling.table import LatencyTable
 
 FORMAT = "hwprune.predictor/2"
@@ -62,6 +63,12 @@ CACHE_SUFFIX = ".predictor.zip"
 #: types a saved predictor holds beyond those skops trusts by default
 TRUSTED = frozenset({
     "hwprune.prediction.predictor.LatencyPredictor",
+    "hwprune.prediction.calibrated.CalibratedPredictor",
+    "hwprune.prediction.correction.Correction",
+    "hwprune.prediction.extras._Extras",
+    "hwprune.prediction.e2e_map._ModelFit",
+    # where the two classes above lived before the predictor module was split: artifacts saved
+    # then name these paths (the names are still importable there)
     "hwprune.prediction.predictor._Extras",
     "hwprune.prediction.predictor._ModelFit",
     "hwprune.pruning.space.ChannelGroup",
@@ -238,7 +245,7 @@ def _unpack_forest(est, packed: Mapping) -> None:
     est.estimators_ = subs
 
 
-def _portable(pred: "LatencyPredictor") -> dict:
+def _portable(pred: LatencyPredictor) -> dict:
     """What ``predictor.skops`` holds: the predictor without torch modules and its packed trees."""
     out = pred.without_modules()
     trees: dict[str, dict] = {}
@@ -250,7 +257,7 @@ def _portable(pred: "LatencyPredictor") -> dict:
     return {"predictor": out, "trees": trees}
 
 
-def _restored(payload) -> "LatencyPredictor":
+def _restored(payload) -> LatencyPredictor:
     pred, trees = payload["predictor"], payload["trees"]
     for k, e in pred.estimators_.items():
         _unpack(e, trees.get(f"kernel/{k}"))
@@ -262,23 +269,16 @@ def _restored(payload) -> "LatencyPredictor":
 # ---------------------------------------------------------------------------------------
 # Save
 # ---------------------------------------------------------------------------------------
-def _header(pred: "LatencyPredictor", table_name: str, digest: str) -> dict:
-    from hwprune.prediction.predictor import FEATURE_VERSION
-
+def _header(pred: LatencyPredictor, table_name: str, digest: str) -> dict:
     return {"format": FORMAT, "feature_version": FEATURE_VERSION, "versions": library_versions(),
             "table": {"name": table_name, "sha256": digest}, "params": pred.get_params(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "summary": {"models": sorted(pred.models_), "settings": pred.settings_,
-                        "regressors": {k: v["chosen"] for k, v in pred.selection_.items() if "chosen" in v},
-                        "fit_seconds": round(float(pred.fit_seconds_), 3),
-                        "slow_configs_used": int(pred.slow_configs_used_)}}
+            "summary": pred.artifact_summary()}
 
 
-def dumps_predictor(pred: "LatencyPredictor", table_name: str, digest: str) -> bytes:
+def dumps_predictor(pred: LatencyPredictor, table_name: str, digest: str) -> bytes:
     """The artifact's bytes (:func:`save_predictor` writes them)."""
     import skops.io as sio
-
-    from hwprune.prediction.predictor import LatencyPredictor
 
     if not isinstance(pred, LatencyPredictor):
         raise HwpruneError(f"only a LatencyPredictor is saved as a predictor artifact, not {type(pred).__name__}")
@@ -291,7 +291,7 @@ def dumps_predictor(pred: "LatencyPredictor", table_name: str, digest: str) -> b
     return buf.getvalue()
 
 
-def save_predictor(pred: "LatencyPredictor", path: str | Path, table_path: str | Path,
+def save_predictor(pred: LatencyPredictor, path: str | Path, table_path: str | Path,
                    digest: str | None = None) -> Path:
     """Write ``pred``, fitted on the table at ``table_path``, atomically to ``path``.
 
@@ -326,6 +326,11 @@ def _open(path: Path) -> tuple[dict, bytes]:
     return header, payload
 
 
+def read_header(path: str | Path) -> dict:
+    """The header of the artifact at ``path`` (format checked, nothing loaded)."""
+    return _open(Path(path))[0]
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:160] if text else "no detail"
@@ -333,8 +338,6 @@ def _first_line(e: BaseException) -> str:
 
 def mismatch(header: Mapping, digest: str | None = None) -> str | None:
     """Why an artifact with ``header`` must not be used (for the table of SHA-256 ``digest``), or None."""
-    from hwprune.prediction.predictor import FEATURE_VERSION
-
     if header.get("feature_version") != FEATURE_VERSION:
         return f"it has feature version {header.get('feature_version')!r}, this hwprune uses {FEATURE_VERSION}"
     saved = header.get("versions") or {}
@@ -348,12 +351,10 @@ def mismatch(header: Mapping, digest: str | None = None) -> str | None:
     return None
 
 
-def _loads(path: Path, payload: bytes) -> "LatencyPredictor":
+def _loads(path: Path, payload: bytes) -> LatencyPredictor:
     import skops.io as sio
     from skops.io.exceptions import UntrustedTypesFoundException
     from sklearn.utils.validation import check_is_fitted
-
-    from hwprune.prediction.predictor import LatencyPredictor
 
     try:
         payload = sio.loads(payload, trusted=sorted(TRUSTED))
@@ -373,7 +374,7 @@ def _loads(path: Path, payload: bytes) -> "LatencyPredictor":
 
 
 def load_predictor(path: str | Path, table_path: str | Path | None = None, *,
-                   digest: str | None = None) -> "LatencyPredictor":
+                   digest: str | None = None) -> LatencyPredictor:
     """The predictor saved at ``path``, without refitting.
 
     With ``table_path`` (or the table's ``digest``), an artifact fitted on another table is
@@ -416,8 +417,6 @@ def predictor_for(table_path: str | Path | None, predictor_path: str | Path | No
     defaults), the feature version and the library versions; otherwise one is fitted (on
     ``table`` when given, the already loaded table at ``table_path``) and the cache
     replaced, atomically, where the directory is writable."""
-    from hwprune.prediction.predictor import LatencyPredictor
-
     if table_path is None:
         if predictor_path is not None:
             raise HwpruneError("--predictor goes with --table, the table it was fitted on")

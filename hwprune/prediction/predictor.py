@@ -10,15 +10,9 @@ How a prediction is made:
   input and output channels). Shapes of thousands of configurations are computed at once
   with numpy, without building a single module.
 * Each layer's time is predicted by a scikit-learn regressor chosen per unit kind
-  (convolution, depthwise convolution, linear) by grouped cross-validation. Features come
-  from the layer's shape: channels, kernel, stride, spatial size, batch, and derived
-  quantities (FLOPs, bytes moved, channels rounded up to the SIMD block, channel counts
-  modulo 4/8/16/32) so that latency staircases can be learnt. Modulo 4 matters on ONNX
-  Runtime's x86 CPU provider: a convolution with 16 or more input channels that are not a
-  multiple of 4 (depthwise: any channel count not a multiple of 4) stays in NCHW (im2col +
-  GEMM, or the plain depthwise kernel) instead of the blocked NCHWc kernels, with reorders
-  around it. In the 1-thread mobilenet_v2 table these NCHW convolutions took 44% of the
-  model's time.
+  (convolution, depthwise convolution, linear) by grouped cross-validation, from features
+  of the layer's shape that let latency staircases be learnt
+  (:mod:`hwprune.prediction.features`).
 * The training target of a layer is what the runtime executed for it in situ, in two
   parts with a regressor each. Its own kernel (log target, regressor chosen by grouped
   cross-validation); and its *extras*: the layout reorders around it, any element-wise
@@ -32,7 +26,12 @@ How a prediction is made:
 * A model's latency is the sum of its layers, mapped to the measured end-to-end time by a
   per-model overhead term fitted on the table's ``e2e`` rows (the gap covers un-modelled
   nodes, launch gaps and the profiler's own cost): a power law of the out-of-fold
-  predicted layer sums by default (see :meth:`LatencyPredictor.fit`).
+  predicted layer sums by default (see :meth:`LatencyPredictor.fit` and
+  :mod:`hwprune.prediction.e2e_map`).
+
+Where the parts live: features and the kernel target in :mod:`hwprune.prediction.features`,
+the training rows in :mod:`hwprune.prediction.training_set`, the extras' regressor in
+:mod:`hwprune.prediction.extras`, the end-to-end map in :mod:`hwprune.prediction.e2e_map`.
 
 A fitted predictor is saved as an artifact without pickles (:mod:`hwprune.prediction.artifact`):
 commands given ``--table`` load it from ``--predictor`` or from the cache beside the table
@@ -45,7 +44,7 @@ import copy
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -57,201 +56,21 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from hwprune.errors import HwpruneError, TableMismatch
+from hwprune.prediction.e2e_map import CALIBRATIONS, _calibrate, _calibration_loo, _ModelFit
+from hwprune.prediction.extras import _Extras
+from hwprune.prediction.features import (FEATURE_NAMES, FEATURE_VERSION, FLOP_EXPONENT, KERNEL_FLOPS_COL,
+                                         _kernel_ms, _kernel_target, layer_features)
+from hwprune.prediction.training_set import KINDS, TrainingSet, add_layer_rows, empty_lists
 from hwprune.pruning.space import PruningSpace, WidthConfig
 from hwprune.profiling.table import LatencyTable
-from hwprune.profiling.layer_shapes import ModelTemplate, unblocked
+from hwprune.profiling.layer_shapes import ModelTemplate
 
-#: unit kinds, which are also the table row kinds of a layer's own kernel (every other row
-#: charged to a layer is one of its extras)
-KINDS = ("conv", "dwconv", "linear")
+__all__ = ["BULK_ROWS", "CALIBRATIONS", "FEATURE_NAMES", "FEATURE_VERSION", "FLOP_EXPONENT", "KERNEL_FLOPS_COL", "KINDS",
+           "LatencyPredictor", "LayerPrediction", "ModelTemplate", "cross_validate_e2e", "fit_predictor",
+           "layer_features"]
+
 #: feature rows from which a prediction uses every core
 BULK_ROWS = 100_000
-
-
-# ---------------------------------------------------------------------------------------
-# Features
-# ---------------------------------------------------------------------------------------
-FEATURE_NAMES = ["batch", "cin", "cout", "kh", "stride", "h", "oh", "log_flops", "log_padded_flops", "log_in_bytes",
-                 "log_out_bytes", "log_w_bytes", "cin_mod8", "cout_mod8", "cin_mod16", "cout_mod16", "cin_mod32",
-                 "cout_mod32", "cin16", "cout16", "cin_small", "prod_cin_mod16", "prod_cin_small", "residual_out",
-                 "cin_mod4", "cout_mod4", "prod_cin_mod4", "prod_unblocked", "peer_unblocked",
-                 "unblocked", "log_kernel_flops"]
-#: Version of what a fitted predictor means: the features above, the targets, the template's
-#: layer context and the fitted attributes. Change it with any of them: saved predictors
-#: (:mod:`hwprune.prediction.artifact`) of another version are refused, and cached ones refitted.
-FEATURE_VERSION = 2
-
-
-def _ceil(a: np.ndarray, m: int) -> np.ndarray:
-    return (a + m - 1) // m * m
-
-
-def layer_features(kind: str, batch, cin, cout, kh, kw, stride, h, w, prod_cin=0, residual=0, prod_unblocked=0,
-                   peer_unblocked=0, groups=1) -> np.ndarray:
-    """Feature matrix of layers (all arguments broadcast to 1-D arrays).
-
-    ``prod_cin`` is the input channel count of the layer that produces this layer's input
-    (0 for the network input): it decides the producer's kernel and so the layout this
-    layer receives. ``residual`` is 1 for layers whose output is summed with a skip
-    connection (the runtime may fuse that Add into them). ``prod_unblocked`` and
-    ``peer_unblocked`` count the layers producing this layer's input, and the other layers
-    writing its output's channel group, that run outside the blocked layout
-    (:meth:`ModelTemplate.layout_context`): they decide the reorders and unfused Adds
-    around this layer. ``groups`` is the number of conv groups of a grouped convolution
-    (1 for dense layers; depthwise ones are their own kind): it enters through the FLOPs,
-    the weight bytes and the blocked-layout rule, so dense layers' features do not change.
-    """
-    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu, g = (
-        np.atleast_1d(np.asarray(a, dtype=np.float64))
-        for a in (batch, cin, cout, kh, kw, stride, h, w, prod_cin, residual, prod_unblocked, peer_unblocked, groups))
-    b, cin, cout, kh, kw, s, h, w, pc, res, pu, qu, g = np.broadcast_arrays(b, cin, cout, kh, kw, s, h, w, pc, res,
-                                                                             pu, qu, g)
-    oh, ow = (h - 1) // s + 1, (w - 1) // s + 1
-    cin_per_group = np.ones_like(cin) if kind == "dwconv" else cin / g
-    flops = b * oh * ow * cout * cin_per_group * kh * kw
-    c16i, c16o = _ceil(cin, 16), _ceil(cout, 16)
-    padded = b * oh * ow * c16o * (np.ones_like(cin) if kind == "dwconv" else _ceil(cin_per_group, 16)) * kh * kw
-    # blocked kernels compute on channels padded to the SIMD block; the NCHW fallback does not
-    nb = (unblocked(kind == "dwconv", cin, g, cout) if kind != "linear"
-          else np.zeros_like(cin, dtype=bool)).astype(np.float64)
-    in_bytes = 4 * b * cin * h * w
-    out_bytes = 4 * b * cout * oh * ow
-    w_bytes = 4 * cout * cin_per_group * kh * kw
-    # the last column is log kernel FLOPs (KERNEL_FLOPS_COL): the kernel target is taken per FLOP
-    cols = [b, cin, cout, kh, s, h, oh, np.log(flops), np.log(padded), np.log(in_bytes), np.log(out_bytes),
-            np.log(w_bytes), cin % 8, cout % 8, cin % 16, cout % 16, cin % 32, cout % 32, c16i, c16o,
-            (cin < 16).astype(np.float64), pc % 16, (pc < 16).astype(np.float64), res, cin % 4, cout % 4, pc % 4,
-            pu, qu, nb, np.log(np.where(nb > 0, flops, padded))]
-    return np.stack(cols, axis=1)
-
-
-#: The kernel regressors learn log(time per kernel FLOP), not log(time) (the default of
-#: ``LatencyPredictor(flop_exponent=...)``; 0 gives back the log-time target): a tree predicts a
-#: constant beyond the table's range, and on this target the constant is a cost per FLOP,
-#: so a layer smaller than any the table holds is predicted smaller too instead of at the
-#: smallest table layer's time (mobilenet_v2's early depthwise layers, pruned below the
-#: table's range, were predicted 1.5-2.7x too slow). Chosen on table cross-validation:
-#: within ±5% 72.9% -> 76.2% (batch 1), 74.4% -> 75.6% (batch 8), 55.0% -> 62.5% (held-out
-#: families); half the FLOP exponent scored between the two.
-FLOP_EXPONENT = 1.0
-KERNEL_FLOPS_COL = -1  # log kernel FLOPs in layer_features
-
-
-def _kernel_target(X: np.ndarray, y: np.ndarray, exponent: float) -> np.ndarray:
-    """What the kernel regressors learn from feature rows ``X`` and kernel times ``y`` (ms):
-    log(time / kernel FLOPs ** exponent)."""
-    return np.log(y) - exponent * X[:, KERNEL_FLOPS_COL]
-
-
-def _kernel_ms(est, X: np.ndarray, exponent: float) -> np.ndarray:
-    """Kernel times (ms) from a regressor fitted on :func:`_kernel_target` with ``exponent``."""
-    return np.exp(est.predict(X) + exponent * X[:, KERNEL_FLOPS_COL])
-
-
-# ---------------------------------------------------------------------------------------
-# Training data from a table
-# ---------------------------------------------------------------------------------------
-def _attribute(rows: pd.DataFrame, layer_names: set[str]) -> pd.Series:
-    """Give every in-situ node the template layer it belongs to (execution order kept).
-
-    Conv/linear kernels and reorders already name their layer. Every other node the
-    runtime executed (an activation or residual Add it did not fuse, a fused activation of
-    its own such as QuickGelu for SiLU, a pooling, a reorder, a reshape) is charged to the
-    closest preceding template layer of the same run: its input is that layer's output, so
-    that layer's shape features describe its cost. Nodes before the first layer are left out.
-    """
-    out = []
-    current = None
-    for layer in rows["layer"]:
-        if layer in layer_names:
-            current = layer
-        out.append(current)
-    return pd.Series(out, index=rows.index)
-
-
-@dataclass
-class TrainingSet:
-    X: dict[str, np.ndarray]
-    y: dict[str, np.ndarray]  # milliseconds: the layer's own kernel
-    groups: dict[str, np.ndarray]  # configuration of each row (for grouped validation)
-    ranges: dict[str, tuple[np.ndarray, np.ndarray]]  # per-feature min/max per kind
-    #: milliseconds of the other nodes charged to the layer (reorders, unfused Adds, poolings)
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass
-class _ModelFit:
-    """A model's template and the map from its summed layer times to end-to-end time:
-    ``slope * sum + intercept``, or ``exp(intercept) * sum ** slope`` when ``log``."""
-
-    template: ModelTemplate
-    slope: float = 1.0
-    intercept: float = 0.0
-    log: bool = False
-
-    def __call__(self, layer_sum):
-        if self.log:
-            return np.exp(self.intercept) * np.power(np.maximum(layer_sum, 1e-9), self.slope)
-        return self.slope * layer_sum + self.intercept
-
-
-# ---------------------------------------------------------------------------------------
-# Calibration: summed layer times -> end-to-end time, per model
-# ---------------------------------------------------------------------------------------
-CALIBRATIONS = ("auto", "cross-fitted", "measured")
-
-
-def _calibrate(kind: str, measured: np.ndarray, oof: np.ndarray, e2e: np.ndarray) -> tuple[float, float, bool]:
-    """(slope, intercept, log) of one map: a power law on out-of-fold predicted sums, or a
-    line on measured sums."""
-    if kind == "cross-fitted":
-        A = np.stack([np.log(oof), np.ones(len(oof))], axis=1)
-        a, b = np.linalg.lstsq(A, np.log(e2e), rcond=None)[0]
-        return float(a), float(b), True
-    A = np.stack([measured, np.ones(len(measured))], axis=1)
-    a, b = np.linalg.lstsq(A, e2e, rcond=None)[0]
-    return float(a), float(b), False
-
-
-def _calibration_loo(kind: str, measured: np.ndarray, oof: np.ndarray, e2e: np.ndarray) -> float:
-    """Leave-one-configuration-out RMSPE of a map, applied as at prediction time: to the
-    held-out configuration's out-of-fold predicted sum."""
-    err = []
-    for i in range(len(e2e)):
-        m = np.arange(len(e2e)) != i
-        f = _ModelFit(None, *_calibrate(kind, measured[m], oof[m], e2e[m]))
-        err.append(float(f(oof[i])) / e2e[i] - 1)
-    return float(np.sqrt(np.mean(np.square(err))))
-
-
-# ---------------------------------------------------------------------------------------
-# Extras: the nodes around a layer's kernel
-# ---------------------------------------------------------------------------------------
-class _Extras:
-    """Milliseconds of the nodes the runtime runs around a layer's kernel: layout reorders,
-    an Add or activation it did not fuse, a pooling on its output.
-
-    Whether they run at all is decided by the layer's neighbours (a single unblocked writer
-    keeps a residual stream in NCHW), not by its own shape, so they get a regressor of their
-    own, with the neighbours' layout counts among the features. Learnt apart from the
-    kernel, the context is the whole signal rather than a few per cent of it. The target is
-    the time itself, with a squared loss: its conditional mean is what a model's sum
-    needs, where a log target would predict the geometric mean of "none" and "some" and
-    fall well short of it.
-    """
-
-    def __init__(self, seed: int):
-        from sklearn.ensemble import HistGradientBoostingRegressor
-
-        self.est = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, max_leaf_nodes=31,
-                                                 min_samples_leaf=8, random_state=seed)
-
-    def fit(self, X: np.ndarray, extra_ms: np.ndarray) -> "_Extras":
-        self.est.fit(X, extra_ms)
-        return self
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return np.maximum(self.est.predict(X), 0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,7 +188,7 @@ class LatencyPredictor(BaseEstimator):
         insitu = rows[rows["source"] == "insitu"]
         measured = table.meta.node_overhead_ms
         self.node_overhead_ms_ = float(measured) if measured is not None else 0.0
-        acc: dict[str, dict[str, list]] = {f: {k: [] for k in KINDS} for f in ("X", "y", "extra", "groups")}
+        acc = empty_lists()
         fits: dict[str, _ModelFit] = {}
         sums = []  # per e2e item: measured e2e time
         for model in sorted(set(rows["model"].dropna())):
@@ -383,37 +202,10 @@ class LatencyPredictor(BaseEstimator):
                 nodes = by_item.get(item)
                 if nodes is None or not len(nodes):
                     continue
-                self._add_layer_rows(acc, tpl, names, nodes, json.loads(e.widths), batch, f"{model}/{item}")
+                add_layer_rows(acc, tpl, names, nodes, json.loads(e.widths), batch, f"{model}/{item}",
+                               self.node_overhead_ms_)
                 sums.append({"model": model, "item": item, "e2e": float(e.median_ms), "widths": e.widths})
-        ts = TrainingSet({}, {}, {}, {})
-        for k in KINDS:
-            if acc["y"][k]:
-                ts.X[k] = np.asarray(acc["X"][k])
-                ts.y[k] = np.asarray(acc["y"][k])
-                ts.extra[k] = np.asarray(acc["extra"][k])
-                ts.groups[k] = np.asarray(acc["groups"][k])
-                ts.ranges[k] = (ts.X[k].min(axis=0), ts.X[k].max(axis=0))
-        return ts, fits, pd.DataFrame(sums)
-
-    def _add_layer_rows(self, acc: dict[str, dict[str, list]], tpl: ModelTemplate, names: set[str],
-                        nodes: pd.DataFrame, widths: Mapping[str, int], batch: int, group: str) -> None:
-        """Append one configuration's layer rows to ``acc``, per unit kind: features, the
-        kernel's time, the extras' time and the configuration (``group``)."""
-        attributed = _attribute(nodes, names)
-        time_ms = (nodes["median_ms"] - self.node_overhead_ms_).clip(lower=1e-4)
-        per_layer = time_ms.groupby(attributed).sum()
-        own = nodes["kind"].isin(KINDS).to_numpy() & (nodes["layer"] == attributed).to_numpy()
-        kernel = time_ms[own].groupby(attributed[own]).sum()
-        cin, cout = tpl.channels(tpl.width_matrix([widths]))
-        for kind in KINDS:
-            js = [j for j, s in enumerate(tpl.slots) if s.kind == kind and s.name in kernel.index]
-            if not js:
-                continue
-            layers = [tpl.slots[j].name for j in js]
-            acc["X"][kind].extend(tpl.features(kind, js, batch, cin[0], cout[0]))
-            acc["y"][kind].extend(float(kernel[n]) for n in layers)
-            acc["extra"][kind].extend(max(float(per_layer[n] - kernel[n]), 0.0) for n in layers)
-            acc["groups"][kind].extend([group] * len(js))
+        return TrainingSet.from_lists(acc), fits, pd.DataFrame(sums)
 
     def _select(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[str, dict, np.ndarray]:
         """The regressor with the lowest grouped-CV RMSPE (on at most ``selection_rows`` rows) and its scores."""
@@ -490,6 +282,9 @@ class LatencyPredictor(BaseEstimator):
             # and say so (slow_configs_used_ counts the slow-state configurations fitted on)
             ts, fits, sums = self._training_set(table, drop_slow=False)
         if not ts.y:
+            if (table.meta.plan or {}).get("calibration"):
+                raise HwpruneError("the table holds only the end-to-end measurements of a calibration",
+                                   "use the predictor `hwprune calibrate` wrote with it: --predictor PATH")
             raise HwpruneError("the table has no in-situ layer rows the predictor can learn from")
         for k, y in ts.y.items():
             if len(y) < self.min_rows:
@@ -556,6 +351,17 @@ class LatencyPredictor(BaseEstimator):
             f.slope, f.intercept, f.log = _calibrate(choice, x, xo, e2e)
 
     # -- prediction -------------------------------------------------------------------
+    def _feature_batch(self) -> int:
+        """The batch size the layer features are computed at: the table's."""
+        return int(self.settings_.get("batch") or 1)
+
+    def artifact_summary(self) -> dict:
+        """What a saved artifact's header says about this predictor beyond its parameters."""
+        return {"models": sorted(self.models_), "settings": self.settings_,
+                "regressors": {k: v["chosen"] for k, v in self.selection_.items() if "chosen" in v},
+                "fit_seconds": round(float(self.fit_seconds_), 3),
+                "slow_configs_used": int(self.slow_configs_used_)}
+
     def _check_fitted(self) -> None:
         try:
             check_is_fitted(self, "models_")
@@ -586,7 +392,7 @@ class LatencyPredictor(BaseEstimator):
         W = configs if isinstance(configs, np.ndarray) else tpl.width_matrix(list(configs))
         cin, cout = tpl.channels(W)
         n, L = cin.shape
-        batch = int(self.settings_.get("batch") or 1)
+        batch = self._feature_batch()
         out = np.zeros((n, L))
         extras = np.zeros((n, L))
         outside = np.zeros((n, L), dtype=bool)

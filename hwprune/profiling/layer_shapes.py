@@ -14,34 +14,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hwprune.prediction.features import NCHWC_BLOCK, layer_features, unblocked
 from hwprune.pruning.space import PruningSpace, WidthConfig, is_depthwise
 
-
-#: Channels of ONNX Runtime's NCHWc block on AVX-512 hosts (8 on AVX2 ones).
-NCHWC_BLOCK = 16
-
-
-def unblocked(depthwise, cin, groups=1, cout=None):
-    """Whether a convolution falls back from the blocked (NCHWc) kernels to plain NCHW.
-
-    ONNX Runtime's x86 CPU provider runs a convolution with 16 or more input channels that
-    are not a multiple of 4, and a depthwise one whose channels are not a multiple of 4, in
-    NCHW (im2col + GEMM, or the plain depthwise kernel) with reorders around it (read from
-    the tables' ``layout`` column). A grouped convolution (``groups`` > 1, not depthwise)
-    runs blocked only when its input and its output (``cout``, default ``cin``) channels
-    per conv group are multiples of :data:`NCHWC_BLOCK` (read from the optimised graphs of
-    an AVX-512 host). Other backends simply find the features built on this uninformative.
-    """
-    cin = np.asarray(cin)
-    dw = np.asarray(depthwise, dtype=bool)
-    dense = (cin % 4 != 0) & (dw | (cin >= 16))
-    groups = np.asarray(groups)
-    if not (groups > 1).any():
-        return dense
-    cout = cin if cout is None else np.asarray(cout)
-    g = np.maximum(groups, 1)
-    grouped = ((cin // g) % NCHWC_BLOCK != 0) | ((cout // g) % NCHWC_BLOCK != 0)
-    return np.where((groups > 1) & ~dw, grouped, dense)
+__all__ = ["NCHWC_BLOCK", "LayerSlot", "ModelTemplate", "unblocked"]
 
 
 @dataclass(frozen=True)
@@ -166,8 +142,6 @@ class ModelTemplate:
         """Predictor features of slots ``cols`` for every configuration (rows: config-major).
 
         Grouped convolutions among them pass their conv groups as ``groups``."""
-        from hwprune.prediction.predictor import layer_features
-
         cin, cout = np.atleast_2d(cin), np.atleast_2d(cout)
         n = cin.shape[0]
         sl = [self.slots[j] for j in cols]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from hwprune.device.ort_runner import OrtSettings, node_overhead_ms, ort_version, profile_model, time_model, time_pair
+from hwprune.device.ort_runner import (GRAPH_OPTIMIZATIONS, OrtSettings, node_overhead_ms, ort_version, profile_model,
+                                       time_model, time_pair)
 from hwprune.profiling.measure import Measurement
 from hwprune.profiling.rows import CHAIN_LENGTHS, UnitSpec, chain_onnx
 from hwprune.profiling.backends.base import Backend, LayerTiming, ModelArtifact, register_backend
@@ -24,8 +25,12 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, *, threads: int | None = None, device: str = "cpu", precision: str = "fp32",
                  measure=None, graph_optimization: str = "all", spinning: bool = True):
         super().__init__(threads=threads, device=device, precision=precision, measure=measure)
+        from hwprune.errors import HwpruneError
+
+        if graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise HwpruneError(f"unknown ONNX Runtime graph optimisation level '{graph_optimization}'",
+                               f"choose one of {', '.join(GRAPH_OPTIMIZATIONS)}")
         if precision != "fp32":
-            from hwprune.errors import HwpruneError
             raise HwpruneError(f"onnxruntime backend measures fp32 models; precision '{precision}' is not supported")
         import os
         self.threads = threads or len(os.sched_getaffinity(0))
