@@ -20,7 +20,8 @@ console = Console(stderr=True)
 
 
 def _register_commands() -> None:
-    from hwprune.cli import bench, calibrate, noise, predict, profile, prune, quickstart, train  # noqa: F401  (register)
+    from hwprune.cli import (bench, calibrate, noise, predict, profile, prune, quickstart, search,  # noqa: F401  (register)
+                             supernet, train)
 
 
 def main(argv: list[str] | None = None) -> None:

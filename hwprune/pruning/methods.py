@@ -222,7 +222,7 @@ def _metapruner_widths(job: PruneJob, ratio: float) -> WidthConfig:
 
 #: Modules that register further methods when imported. They import ``METHODS`` from here, and
 #: keep their heavy imports inside the methods, so that listing the methods stays fast.
-PLUGINS: tuple[str, ...] = ("hwprune.pruning.lstm.method",)
+PLUGINS: tuple[str, ...] = ("hwprune.search.method", "hwprune.pruning.lstm.method")
 
 
 def _load_plugins() -> None:

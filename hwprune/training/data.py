@@ -362,14 +362,18 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order = self._order(gen)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)
             x = self._images.index_select(0, idx)
             if self.augment:
                 x = self._augment(x, gen)
             yield self._normalize(x), self._labels.index_select(0, idx)
+
+    def _order(self, gen: torch.Generator) -> torch.Tensor:
+        """The epoch's image order (a distributed loader keeps its rank's share of it)."""
+        n = len(self.dataset)
+        return torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         b, c, h, w = x.shape
