@@ -43,6 +43,7 @@ VARIANTS = {  # row label: (registered method, objective, meet the latency targe
     "gcp-p": ("gcp", "params", True),
     "gcp-lambda": ("gcp", "latency", False),
     "lstm": ("lstm", "latency", False),
+    "search": ("search", "latency", False),
 }
 
 
@@ -62,6 +63,8 @@ def args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=4, help="GCP rounds T")
     ap.add_argument("--iters", type=int, default=None, help="GCP iterations per phase (default: an epoch)")
     ap.add_argument("--min-keep", type=float, default=0.1)
+    ap.add_argument("--supernet-epochs", type=int, default=20, help="search: supernet training epochs (counted against the fine-tuning budget)")
+    ap.add_argument("--supernet-mode", default="parallel", help="search: sandwich, parallel or stage")
     ap.add_argument("--results", type=Path, default=RESULTS / "compare_cifar10",
                     help="results path prefix (.json, .md, _pareto.png are added)")
     ap.add_argument("--checkpoints", type=Path, default=CKS)
@@ -84,7 +87,10 @@ def table_for(a) -> Path:
 
 def method_epochs(meta: dict, train_images: int, batch: int = 128) -> float:
     """Training epochs a method spent inside itself (GCP: regularise and recover phases, and the search;
-    LSTM: its children's recovery iterations)."""
+    LSTM: its children's recovery iterations; search: the supernet's training epochs, which the method
+    records as ``method_epochs``)."""
+    if "method_epochs" in meta:
+        return float(meta["method_epochs"])
     if meta.get("method") == "lstm":
         return meta["lstm_train_images"] / train_images
     if meta.get("method") != "gcp":
@@ -110,6 +116,9 @@ def run_one(a, table: Path, label: str, target: float, seed: int) -> dict:
     options = {"steps": a.steps, "iters": a.iters}
     if method == "lstm":  # its own seed, and its resumable state beside the row's checkpoint
         options.update(seed=seed, work_dir=str(a.checkpoints / f"{a.model}_{label}_{target:g}_s{seed}.lstm"))
+    if method == "search":  # one supernet per model and seed, kept (and resumed) beside the checkpoints
+        options = {"seed": seed, "supernet_epochs": a.supernet_epochs, "mode": a.supernet_mode,
+                   "supernet_out": str(a.checkpoints / f"{a.model}_supernet_{a.supernet_mode}_s{seed}.pt")}
     t0 = time.perf_counter()
     res = prune_to_target(a.base, method, objective, target, table=table, data=a.data,
                           latency_target=target if meet else None, min_keep=a.min_keep,
