@@ -155,7 +155,7 @@ def test_gated_meter_counts_only_rounds_in_the_fast_state(monkeypatch):
                 v = state["pair"][0]
             else:
                 v = state["pair"][1]
-            return SimpleNamespace(stats=SimpleNamespace(median=v))
+            return SimpleNamespace(stats=SimpleNamespace(median=v), value_ms=v)
 
     monkeypatch.setattr(hb, "create_backend", lambda *a, **k: Fake())
     space = PruningSpace.from_name("cifar_resnet20", input_size=16)
@@ -183,7 +183,8 @@ def _scripted_meter(monkeypatch, script, **kw):
         def measure_e2e(self, art):
             if art.name == "m0":
                 state["pair"] = next(script)
-            return SimpleNamespace(stats=SimpleNamespace(median=state["pair"][0 if art.name == "m0" else 1]))
+            v = state["pair"][0 if art.name == "m0" else 1]
+            return SimpleNamespace(stats=SimpleNamespace(median=v), value_ms=v)
 
     monkeypatch.setattr(hb, "create_backend", lambda *a, **k: Fake())
     space = PruningSpace.from_name("cifar_resnet20", input_size=16)

@@ -195,7 +195,7 @@ def test_lambda_and_lr_are_chosen_on_the_holdout_loss():
 
 
 def test_target_is_corrected_until_met_on_the_device():
-    from hwprune.pruning.gcp import correct_to_measured
+    from hwprune.pruning.device_correction import correct_to_measured
 
     space = make_space()
     cost = FlopsCost(space)
@@ -297,7 +297,7 @@ def test_channels_given_back_by_the_correction_are_not_dead():
 def test_restoring_gives_back_the_most_bn_scale_per_unit_cost():
     """With equal BN scales everywhere, the channels given back first are the cheapest ones, not
     those of the coupled residual groups (whose scales sum over several BNs)."""
-    from hwprune.pruning.gcp import _add_back_cost, correct_to_measured
+    from hwprune.pruning.device_correction import _add_back_cost, correct_to_measured
     from hwprune.pruning.space import WidthConfig
 
     space = make_space()
@@ -438,7 +438,7 @@ def random_scores(space, seed=0):
 
 
 def test_device_correction_moves_whole_units_of_a_grouped_space():
-    from hwprune.pruning.gcp import correct_to_measured
+    from hwprune.pruning.device_correction import correct_to_measured
     from hwprune.pruning.importance import keep_indices
 
     space = grouped_space()
@@ -460,7 +460,7 @@ def test_device_correction_moves_whole_units_of_a_grouped_space():
 
 
 def test_device_correction_without_prior_ranks_by_the_scores():
-    from hwprune.pruning.gcp import correct_to_measured
+    from hwprune.pruning.device_correction import correct_to_measured
 
     space = make_space()
     cost = FlopsCost(space)

@@ -1,4 +1,7 @@
-"""The measured-target loop as an API, the method registry, and the CLI's agreement with both."""
+"""The measured-target loop as an API, the method registry, and the CLI's agreement with both.
+
+How the loop decides on uncertain measurements (intervals that reach across the target) is tested
+in tests/test_noisy_host.py."""
 
 import json
 from types import SimpleNamespace
@@ -67,6 +70,11 @@ def test_api_meets_a_measured_target_and_the_cli_gives_the_same_widths(base, tab
     assert meta["measured_ms"] == pytest.approx(params_ms(SimpleNamespace(module=res.model)))
     kept = [e for e in res.correction if e.get("kept")]
     assert len(kept) == 1 and kept[0]["widths"] == res.widths.widths
+    # every measurement carries its interval; the scripted device repeats itself exactly, so none is ambiguous
+    for e in res.correction + [e for e in meta["goal_calibration"] if "ratio" in e]:
+        assert e["ratio_lo"] == pytest.approx(e["ratio"]) == pytest.approx(e["ratio_hi"]) and not e["ambiguous"]
+    assert meta["measured_speedup_ci"] == pytest.approx([meta["measured_speedup"]] * 2)
+    assert "device_correction_decision" not in meta and "(median)" in meta["measured_estimator"]
     assert set(res.method_widths.widths) == set(res.widths.widths)  # the method's own choice is kept beside it
     out = tmp_path / "cli.pt"
     r = run_cli_here("prune", "--checkpoint", str(base), "--method", "l1", "--objective", "latency", "--target",

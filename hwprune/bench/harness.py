@@ -11,6 +11,11 @@ runs a tiny model at 0.23 ms or 0.37 ms for stretches of 5-10 s, benchmarks/resu
 the fastest of many short rounds is the estimator that tracks the device rather than its
 neighbours (timeit's argument for the minimum), and speed-ups between such values are steady. A backend failure on one model is recorded in the results and the
 others go on.
+
+Every round is summarised with one estimator (:data:`hwprune.profiling.measure.ESTIMATORS`; a
+table's own choice when a table is given), and every latency, speed-up and gated ratio comes
+with its confidence interval: the order-statistic interval of the median over rounds (with
+few rounds, their range).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from hwprune.profiling.backends import ModelArtifact, create_backend
 from hwprune.errors import HwpruneError
 from hwprune.profiling.fingerprint import fingerprint
-from hwprune.profiling.measure import MeasureConfig, Stats
+from hwprune.profiling.measure import MeasureConfig, Stats, quantile_interval, with_estimator
 
 
 @dataclass
@@ -118,49 +123,30 @@ def _summary(samples: list[float], cov_threshold: float) -> dict:
             "std": s.std, "cov": s.cov, "rcov": s.rcov, "count": s.count, "unstable": s.unstable}
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> list[float]:
+    """``[lo, hi]``: the order-statistic confidence interval of the median of per-round ``values``."""
+    return list(quantile_interval(values, 0.5, level))
+
+
 def bench(models: Sequence[BenchModel], backend: str = "onnxruntime", batches: Sequence[int] = (1,),
           threads: int | None = None, device: str = "cpu", rounds: int = 3, measure: MeasureConfig | None = None,
-          predictor=None, progress=None) -> dict:
-    """Measure every model at every batch size; returns the documented JSON document."""
-    from hwprune.profiling.onnx_export import export_onnx
-
+          predictor=None, progress=None, estimator: str | None = None) -> dict:
+    """Measure every model at every batch size; returns the documented JSON document. ``estimator``
+    summarises every round (default: ``measure``'s, the median)."""
     if not models:
         raise HwpruneError("nothing to benchmark: give --model, --checkpoint or --onnx")
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise HwpruneError(f"two models share the label '{next(l for l in labels if labels.count(l) > 1)}'")
     cfg = measure or MeasureConfig(warmup_s=0.2, min_time_s=1.0)
+    if estimator:
+        cfg = with_estimator(cfg, estimator)
     be = create_backend(backend, threads=threads, device=device, measure=cfg)
     results: dict[tuple[str, int], BenchResult] = {}
     order: list[dict] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hwprune-bench-") as d:
-        arts: dict[tuple[str, int], ModelArtifact] = {}
-        for m in models:
-            for b in batches:
-                key = (m.label, b)
-                res = results[key] = BenchResult(m.label, b, arch=m.arch, widths=m.widths, source=m.source)
-                shape = (b, *m.input_size)
-                try:
-                    if m.onnx is not None:
-                        if not be.needs_onnx():
-                            raise HwpruneError(f"backend '{backend}' runs nn.Modules; an ONNX file cannot be run")
-                        if m.onnx_batch is not None and m.onnx_batch != b:
-                            raise HwpruneError(f"the ONNX file has a static batch of {m.onnx_batch}, not {b}")
-                        art = ModelArtifact(shape, onnx_path=m.onnx, name=m.label)
-                    else:
-                        art = ModelArtifact(shape, module=m.module, name=m.label)
-                        if be.needs_onnx():
-                            art.onnx_path = export_onnx(m.module, shape, Path(d) / f"{len(arts)}.onnx")
-                    arts[key] = art
-                except Exception as e:  # a model that cannot be prepared is reported, the others go on
-                    res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                if predictor is not None and m.arch and res.error is None:
-                    try:
-                        predictor.check_settings({"batch": b})
-                        res.predicted_ms = float(predictor.predict(m.arch, [m.widths or {}])[0])
-                    except HwpruneError:
-                        pass
+        arts = _prepare(models, batches, be, backend, predictor, Path(d), results)
         total = rounds * len(arts)
         done = 0
         for r in range(rounds):
@@ -178,24 +164,13 @@ def bench(models: Sequence[BenchModel], backend: str = "onnxruntime", batches: S
                 finally:
                     done += 1
                 order.append({"model": key[0], "batch": key[1], "round": r})
-                res.rounds.append({"median": meas.stats.median, "rcov": meas.stats.rcov, "count": meas.stats.count,
+                res.rounds.append({"median": meas.value_ms, "rcov": meas.stats.rcov, "count": meas.stats.count,
                                    "attempts": meas.attempts, "setup_ms": meas.setup_ms,
                                    "first_run_ms": meas.first_run_ms, "samples_ms": meas.samples_ms})
     if progress:
         progress("", total, total)
     for res in results.values():
-        if not res.rounds:
-            continue
-        samples = [s for rd in res.rounds for s in rd.pop("samples_ms")]
-        meds = np.array([rd["median"] for rd in res.rounds])
-        lat = _summary(samples, cfg.cov_threshold)
-        lat["median"] = float(np.median(meds))
-        lat["between_session_cov"] = float(meds.std(ddof=1) / meds.mean()) if len(meds) > 1 else 0.0
-        lat["fastest_round"] = float(meds.min())
-        res.latency_ms = lat
-        res.throughput_ips = 1000.0 * res.batch / lat["median"]
-        res.setup_ms = float(np.median([rd["setup_ms"] for rd in res.rounds]))
-        res.first_run_ms = float(np.median([rd["first_run_ms"] for rd in res.rounds]))
+        _summarise(res, cfg)
     return {
         "device": fingerprint(),
         "settings": {**be.settings(), "batches": list(batches), "rounds": rounds, "measure": cfg.to_dict()},
@@ -203,6 +178,60 @@ def bench(models: Sequence[BenchModel], backend: str = "onnxruntime", batches: S
         "run_order": order,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _prepare(models: Sequence[BenchModel], batches: Sequence[int], be, backend: str, predictor, d: Path,
+             results: dict) -> dict[tuple[str, int], ModelArtifact]:
+    """One artifact per model and batch (exported when the backend runs ONNX), each with its
+    :class:`BenchResult` in ``results``; a model that cannot be prepared is marked, the others go on."""
+    from hwprune.profiling.onnx_export import export_onnx
+
+    arts: dict[tuple[str, int], ModelArtifact] = {}
+    for m in models:
+        for b in batches:
+            key = (m.label, b)
+            res = results[key] = BenchResult(m.label, b, arch=m.arch, widths=m.widths, source=m.source)
+            shape = (b, *m.input_size)
+            try:
+                if m.onnx is not None:
+                    if not be.needs_onnx():
+                        raise HwpruneError(f"backend '{backend}' runs nn.Modules; an ONNX file cannot be run")
+                    if m.onnx_batch is not None and m.onnx_batch != b:
+                        raise HwpruneError(f"the ONNX file has a static batch of {m.onnx_batch}, not {b}")
+                    art = ModelArtifact(shape, onnx_path=m.onnx, name=m.label)
+                else:
+                    art = ModelArtifact(shape, module=m.module, name=m.label)
+                    if be.needs_onnx():
+                        art.onnx_path = export_onnx(m.module, shape, d / f"{len(arts)}.onnx")
+                arts[key] = art
+            except Exception as e:  # a model that cannot be prepared is reported, the others go on
+                res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if predictor is not None and m.arch and res.error is None:
+                try:
+                    predictor.check_settings({"batch": b})
+                    res.predicted_ms = float(predictor.predict(m.arch, [m.widths or {}])[0])
+                except HwpruneError:
+                    pass
+    return arts
+
+
+def _summarise(res: BenchResult, cfg: MeasureConfig) -> None:
+    """``res.latency_ms`` and the rest from its rounds: the median of the round values with its interval,
+    the between-session CoV, the fastest round, the pooled samples' statistics."""
+    if not res.rounds:
+        return
+    samples = [s for rd in res.rounds for s in rd.pop("samples_ms")]
+    meds = np.array([rd["median"] for rd in res.rounds])
+    lat = _summary(samples, cfg.cov_threshold)
+    lat["median"] = float(np.median(meds))
+    lat["estimator"] = cfg.estimator
+    lat["ci"] = median_interval(meds)
+    lat["between_session_cov"] = float(meds.std(ddof=1) / meds.mean()) if len(meds) > 1 else 0.0
+    lat["fastest_round"] = float(meds.min())
+    res.latency_ms = lat
+    res.throughput_ips = 1000.0 * res.batch / lat["median"]
+    res.setup_ms = float(np.median([rd["setup_ms"] for rd in res.rounds]))
+    res.first_run_ms = float(np.median([rd["first_run_ms"] for rd in res.rounds]))
 
 
 def speedups(doc: dict, pairs: Sequence[tuple[str, str]]) -> list[dict]:
@@ -217,6 +246,7 @@ def speedups(doc: dict, pairs: Sequence[tuple[str, str]]) -> list[dict]:
             ratios = [x["median"] / y["median"] for x, y in zip(rb["rounds"], ra["rounds"])]
             fa, fb = ra["latency_ms"].get("fastest_round"), rb["latency_ms"].get("fastest_round")
             out.append({"model": a, "baseline": b, "batch": batch, "speedup": float(np.median(ratios)),
+                        "ci": median_interval(ratios),
                         "speedup_fastest": float(fb / fa) if fa and fb else None, "per_round": ratios})
     return out
 
@@ -231,6 +261,13 @@ class GatedLatency:
     rounds: int  # rounds run
     gated_rounds: int  # rounds whose reference was within the gate of the fastest reference seen
     settled: bool  # False: max_rounds ran out before ``need`` gated rounds (the host stayed slow)
+    #: per model, its ratio to the reference in each gated round (what the median and interval come from)
+    round_ratios: dict[str, list[float]] = field(default_factory=dict)
+    estimator: str = "median"  # what summarised each round's window
+
+    def interval(self, label: str, level: float = 0.95) -> list[float]:
+        """``[lo, hi]`` of ``label``'s median ratio (order statistics over the gated rounds)."""
+        return median_interval(self.round_ratios.get(label) or [self.ratios[label]], level)
 
     def host_state(self) -> dict:
         """What this measurement says about the host's state, for logs."""
@@ -258,11 +295,13 @@ class GatedMeter:
 
     def __init__(self, reference, backend: str = "onnxruntime", batch: int = 1, threads: int | None = None,
                  device: str = "cpu", measure: MeasureConfig | None = None, gate: float = 1.05, need: int = 3,
-                 max_rounds: int = 30, min_rounds: int = 4, patience_s: float = 0.0):
+                 max_rounds: int = 30, min_rounds: int = 4, patience_s: float = 0.0, estimator: str | None = None):
         from hwprune.profiling.onnx_export import export_onnx
 
-        self.be = create_backend(backend, threads=threads, device=device,
-                                 measure=measure or MeasureConfig(warmup_s=0.1, min_time_s=0.3, retries=0))
+        cfg = measure or MeasureConfig(warmup_s=0.1, min_time_s=0.3, retries=0)
+        cfg = with_estimator(cfg, estimator) if estimator else cfg
+        self.estimator = cfg.estimator
+        self.be = create_backend(backend, threads=threads, device=device, measure=cfg)
         self.batch, self.gate, self.need, self.max_rounds = batch, gate, need, max_rounds
         self.min_rounds = min(min_rounds, max_rounds)
         self.patience_s = max(0.0, float(patience_s))
@@ -289,32 +328,35 @@ class GatedMeter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, modules: dict) -> GatedLatency:
-        """``modules``: label -> nn.Module (same input size as the reference)."""
+    def __call__(self, modules: dict, need: int | None = None) -> GatedLatency:
+        """``modules``: label -> nn.Module (same input size as the reference); ``need``: gated rounds to
+        collect (default: the meter's), more for a narrower interval."""
         from hwprune.profiling.onnx_export import export_onnx
 
+        need = need or self.need
         arts = {label: self._artifact(m, export_onnx) for label, m in modules.items()}
         refs: list[float] = []
         meds: dict[str, list[float]] = {label: [] for label in arts}
         good: list[int] = []
         t0 = time.perf_counter()
-        while len(refs) < self.max_rounds or time.perf_counter() - t0 < self.patience_s:
-            refs.append(self.be.measure_e2e(self.ref).stats.median)
+        while len(refs) < max(self.max_rounds, need) or time.perf_counter() - t0 < self.patience_s:
+            refs.append(self.be.measure_e2e(self.ref).value_ms)
             for label, art in arts.items():
-                meds[label].append(self.be.measure_e2e(art).stats.median)
+                meds[label].append(self.be.measure_e2e(art).value_ms)
             self.best_ref = min(self.best_ref, refs[-1])
             good = [i for i, x in enumerate(refs) if x <= self.gate * self.best_ref]
-            if len(good) >= self.need and len(refs) >= self.min_rounds:
+            if len(good) >= need and len(refs) >= self.min_rounds:
                 break
-        settled = len(good) >= self.need
+        settled = len(good) >= need
         if not good:  # the fastest reference was seen in an earlier call: use this call's fastest rounds
             cut = self.gate * min(refs)
             good = [i for i, x in enumerate(refs) if x <= cut]
         for art in arts.values():
             if art.onnx_path is not None:
                 Path(art.onnx_path).unlink(missing_ok=True)
+        per_round = {label: [v[i] / refs[i] for i in good] for label, v in meds.items()}
         return GatedLatency(
-            ratios={label: float(np.median([v[i] / refs[i] for i in good])) for label, v in meds.items()},
+            ratios={label: float(np.median(r)) for label, r in per_round.items()},
             ms={label: float(np.median([v[i] for i in good])) for label, v in meds.items()},
             reference_ms=float(np.median([refs[i] for i in good])), rounds=len(refs), gated_rounds=len(good),
-            settled=settled)
+            settled=settled, round_ratios=per_round, estimator=self.estimator)

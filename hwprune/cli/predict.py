@@ -125,6 +125,14 @@ def validate(table: Path = typer.Option(..., "--table"),
                  None, "--measured",
                  help="Time nothing: re-predict the configurations of an earlier `validate --json` output "
                       "with this table's predictor and score them against the measurements stored there."),
+             anchor: bool = typer.Option(
+                 True, "--anchor/--no-anchor",
+                 help="Tie every session to the unpruned model timed in its window (paired, or probes before and "
+                      "after) and also score the measurements normalised to the table's host state."),
+             claim: float = typer.Option(
+                 0.95, "--claim", min=0.01, max=1.0,
+                 help="Share of predictions within ±10% the run checks; when even measured against measured "
+                      "fewer sessions agree that well, the report says the host is too noisy for it."),
              predictor: Optional[Path] = typer.Option(None, "--predictor", help=PREDICTOR_HELP),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Measure random pruned models end to end and compare them with the predictions."""
@@ -143,7 +151,7 @@ def validate(table: Path = typer.Option(..., "--table"),
         pred = predictor_for(table, predictor, t)
         with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
             res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update, gate=gate,
-                               paired=paired, predictor=pred)
+                               paired=paired, predictor=pred, anchor=anchor, claim=claim)
     png = plot or table.with_suffix(".validation.png")
     plot_validation(res, png)
     # every configuration with its widths and session timings, so that the measurements can be
@@ -178,3 +186,20 @@ def _print_validation(res, png: Path) -> None:
         if rr:
             console.print(f"the same for the paired ratios: {100 * rr['within_5pct']:.1f}% within ±5%, "
                           f"{100 * rr['within_10pct']:.1f}% within ±10%")
+    if res.normalised:
+        c = res.normalised
+        console.print(f"against the measurements normalised to the table's host state: {100 * c['within_5pct']:.1f}% "
+                      f"within ±5%, {100 * c['within_10pct']:.1f}% within ±10%, RMSPE {100 * c['rmspe']:.2f}%")
+    _print_ceiling(res.ceiling)
+
+
+def _print_ceiling(ceiling: dict) -> None:
+    """The predictor against the ceiling per view, the gap's split, and the verdict when the host is too noisy."""
+    for name, v in (ceiling.get("views") or {}).items():
+        b = v["within_10pct"]
+        split = ("at the ceiling: no gap" if b["host_share"] is None else
+                 f"of the {100 * b['gap']:.1f}% outside, the host explains {100 * b['host_share']:.0f}%, "
+                 f"the predictor {100 * b['predictor_share']:.0f}%")
+        console.print(f"{name}, ±10%: predictor {100 * b['predictor']:.1f}%, ceiling {100 * b['ceiling']:.1f}%; {split}")
+    if ceiling.get("verdict"):
+        console.print(f"[yellow]{ceiling['verdict']}[/]", highlight=False)

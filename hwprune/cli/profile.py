@@ -95,12 +95,38 @@ def _summary_table(summary: dict) -> Table:
               "slow_state_configs", "e2e_ms_min", "e2e_ms_max", "items", "complete", "profile_seconds", "node_overhead_us"):
         v = summary.get(k)
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    for k, v in _noise_rows(summary.get("noise") or {}):
+        t.add_row(k, v)
     s = summary["settings"]
     t.add_row("settings", f"{s.get('backend')} {s.get('backend_version')} {s.get('execution_provider')}, "
                           f"threads {s.get('threads')}, batch {s.get('batch')}, {s.get('precision')}")
     d = summary["device"]
     t.add_row("device", f"{d.get('cpu_model')} ({d.get('cpu_cores')} cores)")
     return t
+
+
+def _pct(d: dict | None, shift: float = 0.0) -> str:
+    """``median / p90 / max`` of a spread, in percent (minus ``shift`` first)."""
+    if not d:
+        return "-"
+    return " / ".join(f"{100 * (d[k] - shift):.1f}%" for k in ("median", "p90", "max"))
+
+
+def _noise_rows(noise: dict) -> list[tuple[str, str]]:
+    """How noisy the table's windows were, as (field, value) rows of ``hwprune table info``."""
+    if not noise.get("anchored"):
+        ci = noise.get("ci_rel")
+        return [("noise", "no reference windows (profiled with --no-anchor or before anchoring)"
+                          + (f"; estimate CI +-{_pct(ci)} (median / p90 / max)" if ci else ""))]
+    est = noise.get("estimator") or {}
+    spreads = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (est.get("spreads") or {}).items())
+    refs = ", ".join(f"{m} {v:.3f} ms" for m, v in (noise.get("reference_ms") or {}).items())
+    return [("estimator", f"{est.get('name')} ({est.get('chosen_by', '')}" + (f"; session spreads {spreads})" if spreads else ")")),
+            ("reference", refs or "-"),
+            ("window ref / table ref", _pct(noise.get("reference_ratio"), 1.0) + " above (median / p90 / max)"),
+            ("reference moved in window", _pct(noise.get("moved")) + f" (tolerance {100 * (noise.get('tolerance') or 0):.0f}%)"),
+            ("estimate CI half-width", _pct(noise.get("ci_rel")) + f"; cap hit {noise.get('cap_hits', 0)}x"),
+            ("re-measured / unsteady", f"{noise.get('remeasured', 0)} / {noise.get('unsteady_configs', 0)} configurations")]
 
 
 @app.command()
@@ -126,26 +152,40 @@ def profile(
              "configuration when it ran more than this fraction slower than its fastest timing (e.g. 0.05)."),
     gate_budget: Optional[float] = typer.Option(
         None, "--gate-budget", min=0.0,
-        help="With --gate: seconds this run may spend re-measuring; after that, slow-state configurations are "
-             "kept once, marked state_ok=False (default: no limit)."),
+        help="Seconds this run may spend re-measuring configurations whose reference moved within their window "
+             "(or, with --gate, ran slow); after that each is kept once (default: no limit)."),
+    anchor: bool = typer.Option(
+        True, "--anchor/--no-anchor",
+        help="Time the unpruned model before, within and after every configuration, re-measure when it moved, "
+             "normalise the rows to one host state, choose the estimator on data and repeat each window until "
+             "its estimate is known within +-2%. --no-anchor profiles as earlier tables were (median, fixed windows)."),
+    anchor_tolerance: float = typer.Option(
+        0.05, "--anchor-tolerance", min=0.001, max=0.99,
+        help="How far the reference may move within a window before the configuration is measured again."),
+    estimator: Optional[str] = typer.Option(
+        None, "--estimator", help="median | p10 | min-round (default: chosen on the reference's sessions)."),
 ) -> None:
     """Profile this machine: sample width configurations, measure, write a latency table."""
     from hwprune.profiling.backends import create_backend
     from hwprune.profiling.measure import MeasureConfig
     from hwprune.models import create_model, is_model
-    from hwprune.profiling.profiler import profile as run_profile
+    from hwprune.profiling.profiler import AnchorConfig, check_anchor, profile as run_profile
     from hwprune.progress import item_progress
 
     names = [m.strip() for m in model.split(",") if m.strip()]
     for n in names:
         if not is_model(n):
             create_model(n)
-    measure = MeasureConfig.quick() if quick else MeasureConfig.profile()
+    if estimator and not anchor:
+        raise HwpruneError("--estimator goes with anchored profiling", "drop --no-anchor or --estimator")
+    windows = AnchorConfig(tolerance=anchor_tolerance, estimator=estimator) if anchor else None
+    check_anchor(windows)
+    measure = MeasureConfig.quick() if quick else MeasureConfig.profile(adaptive=anchor)
     be = create_backend(backend, threads=threads, device=device, measure=measure)
     with item_progress(f"profiling {model} ({backend}, batch {batch})", enabled=not as_json) as update:
         table = run_profile(names, out, be, batch=batch, input_size=input_size, configs=configs, seed=seed,
                             micro_per_config=micro, resume=resume, overwrite=overwrite, max_minutes=max_minutes,
-                            progress=update, gate=gate, gate_budget_s=gate_budget)
+                            progress=update, gate=gate, gate_budget_s=gate_budget, anchor=windows)
     summary = table.summary()
     summary["path"] = str(out)
     if as_json:

@@ -6,6 +6,23 @@ settings, each in a fresh session, with the models interleaved so that drift hit
 them alike. The report gives the share of predictions within ±5% and ±10%, the RMSPE,
 Spearman's rank correlation and the worst cases; a predicted-versus-measured plot goes
 beside it.
+
+On a shared host a prediction can miss for two reasons: the predictor is wrong, or the
+host moved between the table and the measurement (or between one session and the next).
+The report keeps them apart:
+
+* the *ceiling*: measured against measured, each session against the median of the same
+  configuration's other sessions (needs 2+ rounds): no predictor judged by these
+  measurements can agree with them more often than they agree with themselves;
+* the *gap* to a perfect score, split into the share the host explains (what the ceiling
+  already loses) and the share the predictor explains (the rest), at ±5% and ±10%;
+* with the default anchoring, every session is tied to the unpruned model timed in the same
+  window (paired, or probes before and after it; gated runs use the gate's probe before it),
+  and the *normalised* scores compare the
+  prediction with the measurement scaled to the table's host state (table reference / window
+  reference, the normalisation anchored tables apply to their rows);
+* a one-line statement when the ceiling is below the claim being checked (``claim`` within
+  ±10%): the host is then too noisy for that claim, whatever the predictor.
 """
 
 from __future__ import annotations
@@ -25,11 +42,14 @@ from hwprune.profiling.onnx_export import export_onnx
 from hwprune.profiling.fingerprint import fingerprint
 from hwprune.profiling.host_state import HostProbe
 from hwprune.profiling.measure import MeasureConfig
+from hwprune.profiling.table_check import table_measure_config
 from hwprune.prediction.predictor import LatencyPredictor
 from hwprune.pruning.space import PruningSpace, WidthConfig
 from hwprune.profiling.table import LatencyTable
 
 VALIDATION_SEED_OFFSET = 1_000_003  # keeps validation configurations apart from any profiling plan
+#: The claim a validation checks unless told otherwise: this share of predictions within ±10%.
+DEFAULT_CLAIM = 0.95
 
 
 @dataclass
@@ -45,10 +65,29 @@ class ValidationSample:
     reference_ms: list = field(default_factory=list)
     #: paired runs: the predicted latency of the unpruned model
     predicted_reference_ms: float | None = None
+    #: anchored runs: per session, the unpruned model timed in its window (paired, or probes around it)
+    window_ref_ms: list = field(default_factory=list)
+    #: anchored runs: the table's reference of this model, the host state its rows describe
+    table_reference_ms: float | None = None
 
     @property
     def error(self) -> float:
         return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def normalised_sessions(self) -> list[float]:
+        """Anchored runs: each session scaled to the table's host state (table reference / window reference)."""
+        if not self.table_reference_ms or len(self.window_ref_ms) != len(self.sessions_ms):
+            return []
+        return [x * self.table_reference_ms / w for x, w in zip(self.sessions_ms, self.window_ref_ms)]
+
+    @property
+    def normalised_ms(self) -> float:
+        return float(np.median(self.normalised_sessions))
+
+    @property
+    def normalised_error(self) -> float:
+        return self.predicted_ms / self.normalised_ms - 1
 
     @property
     def ratios(self) -> list[float]:
@@ -91,45 +130,61 @@ class ValidationResult:
     #: predicted against measured in the same window (host drift cancels), per model, and their
     #: own repeatability
     relative: dict = field(default_factory=dict)
+    #: anchored runs: the metrics against the measurements normalised to the table's host state, per
+    #: model, and their own repeatability
+    normalised: dict = field(default_factory=dict)
+    #: per scored view (absolute, normalised, relative): the predictor's share within ±5%/±10%, the
+    #: ceiling's, the gap's split between host and predictor; ``verdict``: one line when the host is too
+    #: noisy for the claim, else None
+    ceiling: dict = field(default_factory=dict)
     samples: list[ValidationSample] = field(repr=False, default_factory=list)
 
     def to_dict(self, with_samples: bool = False) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "samples"}
         if with_samples:
             d["samples"] = [{**asdict(s), "error": s.error,
-                             **({"relative_error": s.relative_error} if s.reference_ms else {})}
+                             **({"relative_error": s.relative_error} if s.reference_ms else {}),
+                             **({"normalised_error": s.normalised_error} if s.normalised_sessions else {})}
                             for s in self.samples]
         return d
 
 
-def _metrics(samples: Sequence[ValidationSample], relative: bool = False) -> dict:
-    from scipy.stats import spearmanr
-
+def _metrics(samples: Sequence[ValidationSample], relative: bool = False, normalised: bool = False) -> dict:
     if relative:
-        err = np.array([s.relative_error for s in samples])
         pred = np.array([s.predicted_ms / s.predicted_reference_ms for s in samples])
         meas = np.array([np.median(s.ratios) for s in samples])
+    elif normalised:
+        pred = np.array([s.predicted_ms for s in samples])
+        meas = np.array([s.normalised_ms for s in samples])
     else:
-        err = np.array([s.error for s in samples])
         pred = np.array([s.predicted_ms for s in samples])
         meas = np.array([s.measured_ms for s in samples])
-    rho = float(spearmanr(pred, meas).statistic) if len(samples) > 2 else float("nan")
-    return {"n": len(samples), "within_5pct": float(np.mean(np.abs(err) <= 0.05)),
+    return metrics_of(pred, meas)
+
+
+def metrics_of(pred: np.ndarray, meas: np.ndarray) -> dict:
+    """The share of ``pred`` within ±5% and ±10% of ``meas``, the RMSPE and Spearman's rho."""
+    from scipy.stats import spearmanr
+
+    err = pred / meas - 1
+    rho = float(spearmanr(pred, meas).statistic) if len(pred) > 2 else float("nan")
+    return {"n": len(pred), "within_5pct": float(np.mean(np.abs(err) <= 0.05)),
             "within_10pct": float(np.mean(np.abs(err) <= 0.10)), "rmspe": float(np.sqrt(np.mean(err ** 2))),
             "spearman": rho}
 
 
 def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int = 0,
              predictor: LatencyPredictor | None = None, measure: MeasureConfig | None = None,
-             rounds: int = 2, progress=None, gate: float | None = None, paired: bool = False) -> ValidationResult:
+             rounds: int = 2, progress=None, gate: float | None = None, paired: bool = False,
+             anchor: bool = True, claim: float = DEFAULT_CLAIM) -> ValidationResult:
     """Measure ``samples`` random configurations per model and compare with predictions.
 
     Every configuration is measured in ``rounds`` fresh sessions, round-robin over all
     configurations (so a slow spell of the machine hits different models in different
-    rounds); the measured value is the median of its session medians. With ``gate``
-    (shared hosts, see :class:`hwprune.bench.harness.GatedMeter`), a short timing of the unpruned
-    model precedes every session, and only sessions whose timing was within ``gate`` of that
-    model's fastest count (all of them if none did).
+    rounds); the measured value is the median of its session values (each summarised with the
+    table's estimator). With ``gate`` (shared hosts, see :class:`hwprune.bench.harness.GatedMeter`),
+    a short timing of the unpruned model precedes every session, and only sessions whose timing
+    was within ``gate`` of that model's fastest count (all of them if none did).
 
     With ``paired``, every session also times the unpruned model in the same window
     (:meth:`hwprune.profiling.backends.base.Backend.measure_pair`: alternating chunks on ONNX Runtime),
@@ -137,9 +192,16 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     unpruned model's with the measured one: a neighbour that slows the host for a while slows
     both alike, so what remains is the predictor's own error. The absolute metrics are
     reported as well, from the same sessions.
+
+    With ``anchor`` (the default), every session's window reference (the paired timing, else
+    probes of the unpruned model before and after the session) scales it to the table's host
+    state for the ``normalised`` metrics. ``claim`` is the share within ±10% the report checks
+    the ceiling against (see the module's docstring).
     """
     if paired and gate:
         raise HwpruneError("gated and paired validation are alternatives", "use --gate or --paired, not both")
+    if not 0 < claim <= 1:
+        raise HwpruneError(f"the claim must be a share in (0, 1], got {claim}")
     s = table.settings
     diff = table.mismatch({}, fingerprint())
     if diff:
@@ -149,77 +211,124 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     for m in models:
         pred.check_model(m)
     backend = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu",
-                             measure=measure or MeasureConfig.profile())
-    batch = int(s.get("batch") or 1)
-    rng = random.Random(seed + VALIDATION_SEED_OFFSET)
+                             measure=measure or table_measure_config(table))
     spaces = {m: PruningSpace.from_name(m, input_size=s.get("input_size")) for m in models}
-    # interleave the models: A B A B ...
-    plan: list[tuple[str, WidthConfig]] = []
-    for _ in range(samples):
-        for m in models:
-            plan.append((m, spaces[m].sample(rng)))
+    plan = _plan(models, spaces, samples, seed)
     # Predict everything first, then let any worker threads of the fit go idle: nothing
     # but the runtime being measured may use the CPU during a measurement.
-    predicted = []
-    for m, cfg in plan:
-        p, layers = pred.predict_layers(m, cfg)
-        predicted.append((p, any(l.extrapolated for l in layers)))
+    predicted = [(p, any(l.extrapolated for l in layers)) for p, layers in (pred.predict_layers(m, c) for m, c in plan)]
     ref_pred = {m: float(pred.predict(m, [spaces[m].full()])[0]) for m in models} if paired else {}
     time.sleep(0.5)
-    out: list[ValidationSample] = []
     t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hwprune-validate-") as d:
+        probe = HostProbe(backend, int(s.get("batch") or 1), d)
+        runs = _Runs(len(plan))
+        _measure_rounds(backend, probe, plan, spaces, Path(d), rounds, runs, gate, paired, anchor, progress)
+    table_refs = {m: table_reference(table, m) for m in models} if anchor else {}
+    out = [runs.sample(k, m, cfg, p, x, probe, gate, ref_pred.get(m), table_refs.get(m))
+           for k, ((m, cfg), (p, x)) in enumerate(zip(plan, predicted))]
+    if progress:
+        progress("", rounds * len(plan), rounds * len(plan))
+    drift = (host_drift(table, plan, runs.probes, probe, gate) if gate
+             else paired_drift(table, plan, runs.refs) if paired else {})
+    return ValidationResult(
+        **score(out, models, drift, claim), settings=dict(s),
+        device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
+        measure_seconds=time.perf_counter() - t0, slow_configs_used=getattr(pred, "slow_configs_used_", 0),
+        drift=drift, samples=out)
+
+
+def _plan(models: Sequence[str], spaces: dict, samples: int, seed: int) -> list[tuple[str, WidthConfig]]:
+    """``samples`` random configurations per model, the models interleaved: A B A B ..."""
+    rng = random.Random(seed + VALIDATION_SEED_OFFSET)
+    return [(m, spaces[m].sample(rng)) for _ in range(samples) for m in models]
+
+
+class _Runs:
+    """Per configuration of a validation plan, what its sessions measured."""
+
+    def __init__(self, n: int):
+        self.sessions: list[list] = [[] for _ in range(n)]  # Stats of each session
+        self.probes: list[list] = [[] for _ in range(n)]  # gated: the probe before each session
+        self.refs: list[list] = [[] for _ in range(n)]  # paired: the reference's value in each session
+        self.windows: list[list] = [[] for _ in range(n)]  # anchored: each session's window reference
+
+    def sample(self, k: int, model: str, cfg: WidthConfig, predicted: float, extrapolated: bool, probe: HostProbe,
+               gate: float | None, predicted_ref: float | None, table_ref: float | None) -> ValidationSample:
+        """The configuration's :class:`ValidationSample`; gated, only its fast-state sessions count."""
+        n = len(self.sessions[k])
+        keep = list(range(n))
+        if gate:
+            keep = [i for i in keep if probe.fast(model, self.probes[k][i], gate)] or keep
+        values = [self.sessions[k][i].value for i in keep]
+
+        def pick(v: list) -> list:  # the kept sessions' entries of a per-session list
+            return [v[i] for i in keep] if len(v) == n else list(v)
+
+        return ValidationSample(model, dict(cfg.widths), predicted, float(np.median(values)),
+                                float(max(values) / min(values) - 1), extrapolated, values, pick(self.refs[k]),
+                                predicted_ref, pick(self.windows[k]), table_ref)
+
+
+def _measure_rounds(backend, probe: HostProbe, plan, spaces: dict, d: Path, rounds: int, runs: _Runs,
+                    gate: float | None, paired: bool, anchor: bool, progress) -> None:
+    """``rounds`` fresh sessions of every configuration, round-robin, with what each mode times beside them."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    sessions: list[list] = [[] for _ in plan]
-    probes: list[list] = [[] for _ in plan]
-    refs: list[list] = [[] for _ in plan]
     try:
-        with tempfile.TemporaryDirectory(prefix="hwprune-validate-") as d:
-            arts, probe = [], HostProbe(backend, batch, d)
-            for k, (m, cfg) in enumerate(plan):
-                space = spaces[m]
-                shape = (batch, *space.input_shape[1:])
-                module = space.apply(cfg).eval()
-                art = ModelArtifact(input_shape=shape, module=module, name=m)
-                if backend.needs_onnx():
-                    art.onnx_path = export_onnx(module, shape, Path(d) / f"v{k}.onnx")
-                    art.module = None
-                arts.append(art)
-            total = rounds * len(plan)
-            for r in range(rounds):
-                for k, art in enumerate(arts):
-                    if progress:
-                        progress(plan[k][0], r * len(plan) + k, total)
-                    if gate:
-                        probes[k].append(probe(plan[k][0], spaces[plan[k][0]]))
-                    if paired:
-                        m = plan[k][0]
-                        st, ref = backend.measure_pair(art, probe.reference(m, spaces[m]))
-                        sessions[k].append(st.stats)
-                        refs[k].append(ref.stats.median)
-                    else:
-                        sessions[k].append(backend.measure_e2e(art).stats)
+        arts = []
+        for k, (m, cfg) in enumerate(plan):
+            shape = (probe.batch, *spaces[m].input_shape[1:])
+            module = spaces[m].apply(cfg).eval()
+            art = ModelArtifact(input_shape=shape, module=module, name=m)
+            if backend.needs_onnx():
+                art.onnx_path, art.module = export_onnx(module, shape, d / f"v{k}.onnx"), None
+            arts.append(art)
+        for r in range(rounds):
+            for k, art in enumerate(arts):
+                m = plan[k][0]
+                if progress:
+                    progress(m, r * len(plan) + k, rounds * len(plan))
+                _session(backend, probe, art, m, spaces[m], runs, k, gate, paired, anchor)
     finally:
         torch.set_num_threads(threads)
-    for (m, cfg), (p, extrapolated), st, pr, rf in zip(plan, predicted, sessions, probes, refs):
-        if gate:
-            fast = [x for x, ref in zip(st, pr) if probe.fast(m, ref, gate)]
-            st = fast or st
-        med = float(np.median([x.median for x in st]))
-        spread = float(max(x.median for x in st) / min(x.median for x in st) - 1)
-        out.append(ValidationSample(m, dict(cfg.widths), p, med, spread, extrapolated, [x.median for x in st],
-                                    rf, ref_pred.get(m)))
-    if progress:
-        progress("", rounds * len(plan), rounds * len(plan))
-    drift = (host_drift(table, plan, probes, probe, gate) if gate
-             else paired_drift(table, plan, refs) if paired else {})
-    return ValidationResult(
-        **score(out, models, drift), settings=dict(s),
-        device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
-        measure_seconds=time.perf_counter() - t0, slow_configs_used=getattr(pred, "slow_configs_used_", 0),
-        drift=drift, samples=out)
+
+
+def _session(backend, probe: HostProbe, art: ModelArtifact, m: str, space: PruningSpace, runs: _Runs, k: int,
+             gate: float | None, paired: bool, anchor: bool) -> None:
+    """One fresh session of configuration ``k``: paired, beside the reference (its window reference);
+    gated, after a probe (which anchors it too); anchored otherwise, between two probes."""
+    if paired:
+        st, ref = backend.measure_pair(art, probe.reference(m, space))
+        runs.sessions[k].append(st.stats)
+        runs.refs[k].append(ref.value_ms)
+        window = ref.value_ms
+    elif gate:
+        window = probe(m, space)
+        runs.probes[k].append(window)
+        runs.sessions[k].append(backend.measure_e2e(art).stats)
+    else:
+        before = probe(m, space) if anchor else None
+        runs.sessions[k].append(backend.measure_e2e(art).stats)
+        window = 0.5 * (before + probe(m, space)) if anchor else None
+    if anchor:
+        runs.windows[k].append(window)
+
+
+def table_reference(table: LatencyTable, model: str) -> float | None:
+    """The reference the table's rows describe for ``model``: an anchored table's fast-state reference,
+    else its end-to-end time of the unpruned model (None when it has neither)."""
+    from hwprune.profiling.table_check import table_reference_ms
+
+    refs = (table.meta.noise or {}).get("reference_ms") or {}
+    if model in refs:
+        return float(refs[model])
+    try:
+        return table_reference_ms(table, model)
+    except HwpruneError:
+        return None
 
 
 def repredict(table: LatencyTable, measured: Mapping, predictor: LatencyPredictor | None = None) -> ValidationResult:
@@ -250,19 +359,23 @@ def repredict(table: LatencyTable, measured: Mapping, predictor: LatencyPredicto
         ref = list(x.get("reference_ms") or [])
         out.append(ValidationSample(x["model"], dict(cfg.widths), p, float(x["measured_ms"]),
                                     float(x.get("session_spread", 0.0)), any(l.extrapolated for l in layers),
-                                    list(x.get("sessions_ms") or []), ref, unpruned[x["model"]] if ref else None))
+                                    list(x.get("sessions_ms") or []), ref, unpruned[x["model"]] if ref else None,
+                                    list(x.get("window_ref_ms") or []), x.get("table_reference_ms")))
+    claim = float((measured.get("ceiling") or {}).get("claim") or DEFAULT_CLAIM)
     return ValidationResult(
-        **score(out, models, measured.get("drift")), settings=dict(measured.get("settings") or table.settings),
+        **score(out, models, measured.get("drift"), claim), settings=dict(measured.get("settings") or table.settings),
         device=dict(measured.get("device") or {}), measure_seconds=0.0,
         slow_configs_used=getattr(pred, "slow_configs_used_", 0), drift=dict(measured.get("drift") or {}),
         samples=out)
 
 
-def score(samples: Sequence[ValidationSample], models: Sequence[str], drift: dict | None = None) -> dict:
+def score(samples: Sequence[ValidationSample], models: Sequence[str], drift: dict | None = None,
+          claim: float = DEFAULT_CLAIM) -> dict:
     """Everything a validation reports about its samples (the :class:`ValidationResult` fields
     that do not describe the run): the metrics overall and per model, the worst cases, the
-    metrics with predictions scaled by ``drift`` (when every model has a factor) and the
-    measurements' repeatability."""
+    metrics with predictions scaled by ``drift`` (when every model has a factor), the
+    measurements' repeatability, the normalised and relative metrics where the samples allow
+    them, and the ceiling with the gap's split (:func:`ceiling_report`)."""
     drift = drift or {}
     corrected = [replace(x, predicted_ms=x.predicted_ms * drift[x.model]["factor"])
                  for x in samples if x.model in drift]
@@ -272,7 +385,58 @@ def score(samples: Sequence[ValidationSample], models: Sequence[str], drift: dic
                        "error": w.error, "extrapolated": w.extrapolated, "widths": w.widths} for w in worst],
             "per_model": {m: _metrics([x for x in samples if x.model == m]) for m in models},
             "drift_corrected": _metrics(corrected) if corrected and len(corrected) == len(samples) else {},
-            "repeatability": repeatability(samples), "relative": relative_metrics(samples, models)}
+            **_views(samples, models, claim)}
+
+
+def _views(samples: Sequence[ValidationSample], models: Sequence[str], claim: float) -> dict:
+    rep, rel, norm = repeatability(samples), relative_metrics(samples, models), normalised_metrics(samples, models)
+    views = {"absolute": (_metrics(samples), rep)} if samples else {}
+    if norm:
+        views["normalised"] = (norm, norm.get("repeatability", {}))
+    if rel:
+        views["relative"] = (rel, rel.get("repeatability", {}))
+    return {"repeatability": rep, "relative": rel, "normalised": norm, "ceiling": ceiling_report(views, claim)}
+
+
+def normalised_metrics(samples: Sequence[ValidationSample], models: Sequence[str]) -> dict:
+    """Anchored runs: the metrics against the measurements scaled to the table's host state, overall
+    and per model, with their own repeatability (empty unless every sample is anchored)."""
+    if not samples or not all(x.normalised_sessions for x in samples):
+        return {}
+    return {**_metrics(samples, normalised=True),
+            "per_model": {m: _metrics([x for x in samples if x.model == m], normalised=True) for m in models},
+            "repeatability": _agreement(x.normalised_sessions for x in samples)}
+
+
+def gap_split(within: float, ceiling: float) -> dict:
+    """Of the share of predictions outside a band (the gap, ``1 - within``), the part the host explains
+    (what the measurements lose against themselves, ``1 - ceiling``) and the part the predictor explains
+    (the rest); None for both when there is no gap."""
+    gap = 1.0 - within
+    if gap <= 1e-12:
+        return {"gap": 0.0, "host_share": None, "predictor_share": None}
+    host = min(1.0, max(0.0, (1.0 - ceiling) / gap))
+    return {"gap": gap, "host_share": host, "predictor_share": 1.0 - host}
+
+
+def ceiling_report(views: Mapping[str, tuple[dict, dict]], claim: float = DEFAULT_CLAIM) -> dict:
+    """Per view (``name -> (metrics, repeatability)``): the predictor's share within ±5%/±10%, the
+    ceiling's, and the gap's split (:func:`gap_split`); ``verdict`` is one line naming the view whose
+    ceiling falls short of ``claim`` within ±10% (the host is too noisy for the claim), else None."""
+    out: dict = {"claim": claim, "views": {}, "verdict": None}
+    for name, (met, rep) in views.items():
+        if not rep:
+            continue
+        out["views"][name] = {
+            f"within_{b}pct": {"predictor": met[f"within_{b}pct"], "ceiling": rep[f"within_{b}pct"],
+                               **gap_split(met[f"within_{b}pct"], rep[f"within_{b}pct"])} for b in (5, 10)}
+    noisy = [(n, v["within_10pct"]["ceiling"]) for n, v in out["views"].items() if v["within_10pct"]["ceiling"] < claim]
+    if noisy and len(noisy) == len(out["views"]):
+        name, c = max(noisy, key=lambda x: x[1])
+        out["verdict"] = (f"this host is too noisy for the claim of {100 * claim:.0f}% within ±10%: measured against "
+                          f"measured, only {100 * c:.1f}% of sessions agree that well ({name}), so no predictor can "
+                          f"show it here")
+    return out
 
 
 def relative_metrics(samples: Sequence[ValidationSample], models: Sequence[str]) -> dict:

@@ -11,6 +11,16 @@ run completed. Tables of different devices or settings never mix silently:
 Row sources: ``insitu`` (a node of a profiled run of a whole sampled subnet), ``micro``
 (a unit benchmarked in isolation) and ``e2e`` (a whole subnet timed end to end, in its own
 unprofiled session: what predictions are validated against).
+
+Anchored tables (``hwprune profile``'s default) tie every configuration to the unpruned model
+timed in the same window (:mod:`hwprune.profiling.host_state`): ``state_ref_ms`` is that
+window's reference, ``raw_ms`` the row's value as timed, and the time columns hold it
+normalised to the table's host state, ``norm_factor`` = table reference / window reference
+(:meth:`LatencyTable.renormalise`). ``median_ms`` is the value of the table's estimator (the
+median unless ``meta.noise["estimator"]`` names another, see
+:data:`hwprune.profiling.measure.ESTIMATORS`). ``meta.noise`` records the estimator and why it was
+chosen, the tolerance, the per-model reference; :meth:`LatencyTable.noise_summary` adds how noisy
+the windows were.
 """
 
 from __future__ import annotations
@@ -41,12 +51,31 @@ STAT_COLUMNS = ["median_ms", "min_ms", "mean_ms", "p90_ms", "p95_ms", "p99_ms", 
 ROW_COLUMNS = ["source", "item", "model", "config", "layer", "node", "kind"]
 #: The host's state around a configuration, written by gated profiling runs (``hwprune profile --gate``).
 STATE_COLUMNS = ["state_ref_ms", "state_ok", "state_attempts"]
+#: Anchored profiling (the default): the row's value as timed, the factor that normalised it, how far
+#: the reference moved within its window, the estimate's relative half-width and whether its window hit
+#: the repetition cap before the interval was narrow enough.
+NOISE_COLUMNS = ["raw_ms", "norm_factor", "ref_moved", "ci_rel", "cap_hit"]
 COLUMNS = (ROW_COLUMNS + UnitKey.field_names() + STAT_COLUMNS + ["attempts", "setup_ms", "first_run_ms", "widths"]
-           + STATE_COLUMNS)
+           + STATE_COLUMNS + NOISE_COLUMNS)
+#: Time columns that normalisation scales together.
+TIME_COLUMNS = ["median_ms", "min_ms", "mean_ms", "p90_ms", "p95_ms", "p99_ms", "std_ms"]
 
 #: Settings that must agree between tables (and between a table and a request).
 SETTING_KEYS = ("backend", "backend_version", "execution_provider", "device", "threads", "precision", "batch",
                 "input_size")
+
+
+def _num(values) -> pd.Series:
+    """``values`` as floats, unknown ones NaN."""
+    return pd.to_numeric(pd.Series(values), errors="coerce").astype(float)
+
+
+def _spread(values) -> dict | None:
+    """Median, 90th percentile and maximum of the known ``values`` (None when there are none)."""
+    v = _num(values).dropna()
+    if not len(v):
+        return None
+    return {"median": float(v.median()), "p90": float(v.quantile(0.9)), "max": float(v.max())}
 
 
 def command_line() -> str:
@@ -80,6 +109,8 @@ class TableMeta:
     hwprune_version: str = field(default_factory=_version)
     profile_seconds: float = 0.0
     node_overhead_ms: float | None = None  # what the layer profiler adds to each node it times, measured
+    #: anchored profiling: estimator (and its choice), tolerance, per-model reference the rows are normalised to
+    noise: dict = field(default_factory=dict)
     format: str = FORMAT
 
     def to_dict(self) -> dict:
@@ -92,7 +123,8 @@ class TableMeta:
 
 
 def stats_columns(stats) -> dict:
-    return {"median_ms": stats.median, "min_ms": stats.min, "mean_ms": stats.mean, "p90_ms": stats.p90,
+    """The stat columns of a row; ``median_ms`` takes the estimator's value where the stats carry one."""
+    return {"median_ms": getattr(stats, "value", stats.median), "min_ms": stats.min, "mean_ms": stats.mean, "p90_ms": stats.p90,
             "p95_ms": stats.p95, "p99_ms": stats.p99, "std_ms": stats.std, "cov": stats.cov, "rcov": stats.rcov,
             "count": stats.count, "unstable": stats.unstable}
 
@@ -158,6 +190,7 @@ class LatencyTable:
             "distinct_units": int(layer_rows[UnitKey.field_names()].drop_duplicates().shape[0]) if len(layer_rows) else 0,
             "unstable_rows": int(r["unstable"].fillna(False).astype(bool).sum()),
             "slow_state_configs": len(self.slow_items()),
+            "noise": self.noise_summary(),
             "e2e_ms_min": float(e2e["median_ms"].min()) if len(e2e) else None,
             "e2e_ms_max": float(e2e["median_ms"].max()) if len(e2e) else None,
             "complete": self.complete,
@@ -167,6 +200,56 @@ class LatencyTable:
             "settings": self.settings,
             "device": {k: self.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores", "gpus")},
         }
+
+    # -- host state ------------------------------------------------------------------
+    def anchored_rows(self) -> pd.Series:
+        """Rows tied to a reference timed in their window (anchored profiling)."""
+        r = self.rows
+        return r["norm_factor"].notna() & r["state_ref_ms"].notna() & r["raw_ms"].notna()
+
+    def renormalise(self) -> dict[str, float]:
+        """Normalise every anchored row to its model's table reference, the fast-state reference
+        (:func:`~hwprune.profiling.measure.fast_state_reference`) of all the model's window
+        references; returns those references (also stored in ``meta.noise["reference_ms"]``).
+
+        Rows keep their timed value in ``raw_ms``; the time columns are rescaled from it, so this
+        may run after every configuration as the reference settles."""
+        from hwprune.profiling.measure import fast_state_reference
+
+        mask = self.anchored_rows()
+        if not mask.any():
+            return {}
+        tol = float(self.meta.noise.get("tolerance", 0.05))
+        r = self.rows
+        windows = r.loc[mask, ["model", "item", "state_ref_ms"]].drop_duplicates()
+        refs = {m: fast_state_reference(g["state_ref_ms"].astype(float), tol) for m, g in windows.groupby("model")}
+        new = r.loc[mask, "model"].map(refs).astype(float) / r.loc[mask, "state_ref_ms"].astype(float)
+        scale = new / r.loc[mask, "norm_factor"].astype(float)
+        for c in TIME_COLUMNS:
+            r.loc[mask, c] = r.loc[mask, c].astype(float) * scale
+        r.loc[mask, "norm_factor"] = new
+        self.meta.noise["reference_ms"] = refs
+        return refs
+
+    def noise_summary(self) -> dict:
+        """How noisy the table's windows were: the estimator and its choice, the per-window reference
+        over the table's reference, how far the reference moved within windows, the estimates'
+        relative interval half-widths, windows that hit the repetition cap, re-measured and
+        unsteady configurations."""
+        n = self.meta.noise
+        e2e = self.e2e
+        out = {"anchored": bool(self.anchored_rows().any()), "estimator": n.get("estimator"),
+               "tolerance": n.get("tolerance"), "reference_ms": n.get("reference_ms", {})}
+        if not len(e2e):
+            return out
+        refs = out["reference_ms"]
+        ratio = _num(e2e["state_ref_ms"]) / _num(e2e["model"].map(refs)) if refs else pd.Series([], dtype=float)
+        out.update({"reference_ratio": _spread(ratio), "moved": _spread(e2e["ref_moved"]),
+                    "ci_rel": _spread(e2e["ci_rel"]),
+                    "cap_hits": int(e2e["cap_hit"].map(lambda v: v is True or v is np.True_).sum()),
+                    "remeasured": int((_num(e2e["state_attempts"]).fillna(1) - 1).clip(lower=0).sum()),
+                    "unsteady_configs": len(self.slow_items()) if out["anchored"] else None})
+        return out
 
     # -- persistence -----------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -218,6 +301,15 @@ class LatencyTable:
                              "continue it with `hwprune profile ... --resume`")
         return cls(df, meta)
 
+    @staticmethod
+    def read_meta(path: str | Path) -> TableMeta | None:
+        """The metadata of the table at ``path`` without reading its rows (None if unreadable)."""
+        try:
+            md = pq.read_schema(Path(path)).metadata or {}
+            return TableMeta.from_dict(json.loads(md[META_KEY])) if META_KEY in md else None
+        except (OSError, ValueError, TypeError, pa.ArrowException):
+            return None
+
     # -- compatibility ---------------------------------------------------------------
     def mismatch(self, settings: Mapping, fp: Mapping | None = None) -> str | None:
         """The first difference between this table and ``settings`` (and device), or None."""
@@ -251,8 +343,11 @@ class LatencyTable:
                                     "items_planned": self.meta.items_planned + other.meta.items_planned,
                                     "profile_seconds": self.meta.profile_seconds + other.meta.profile_seconds,
                                     "node_overhead_ms": _mean_known(self.meta.node_overhead_ms,
-                                                                    other.meta.node_overhead_ms)})
-        return LatencyTable(pd.concat([self.rows, other.rows], ignore_index=True), meta)
+                                                                    other.meta.node_overhead_ms),
+                                    "noise": {**other.meta.noise, **self.meta.noise}})
+        merged = LatencyTable(pd.concat([self.rows, other.rows], ignore_index=True), meta)
+        merged.renormalise()  # one reference per model over both tables' windows
+        return merged
 
     def append(self, rows: Iterable[Mapping]) -> None:
         new = pd.DataFrame(list(rows))

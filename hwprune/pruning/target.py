@@ -9,8 +9,11 @@ The loop, the same for every registered method (:mod:`hwprune.pruning.methods`):
 3. **Correct on the device.** The pruned model is measured, paired with the unpruned model
    in the same rounds; while it misses the target, channels are removed (lowest score first)
    or restored (highest score per unit of cost first) and it is measured again
-   (:func:`hwprune.pruning.gcp.correct_to_measured`). Both the method's own widths and the corrected
-   ones are returned.
+   (:func:`hwprune.pruning.device_correction.correct_to_measured`). Every measurement carries
+   its confidence interval; one whose interval reaches across the target is measured again,
+   and a configuration is kept only on a decided interval, else on the safe (narrower) side,
+   which the result's meta says (``device_correction_decision``). Both the method's own widths
+   and the corrected ones are returned.
 4. **Fine-tune** the smaller model (optional) and evaluate it on the test split.
 
 Without a measured target (FLOPs, parameters, memory, or ``measure=False``) steps 1 and 3
@@ -30,8 +33,9 @@ from hwprune.training.checkpoint import Checkpoint
 from hwprune.errors import HwpruneError
 from hwprune.pruning.space import WidthConfig
 
-ESTIMATOR = ("paired with the unpruned model in rounds of 0.3 s (fresh sessions), counting only rounds whose "
-             "reference ran within 5% of the fastest seen (hwprune.bench.harness.GatedMeter)")
+ESTIMATOR = ("paired with the unpruned model in rounds of 0.3 s (fresh sessions), each round summarised with the "
+             "table's estimator ({estimator}), counting only rounds whose reference ran within 5% of the fastest seen "
+             "(hwprune.bench.harness.GatedMeter); the interval is the order-statistic interval of the median ratio")
 
 
 @dataclass
@@ -112,7 +116,8 @@ def prune_to_target(checkpoint: Checkpoint | str | Path, method: str, objective:
     if pruner.needs_data and data is None:
         raise HwpruneError(f"the {method} method trains on data: it needs --data")
     t0 = time.perf_counter()
-    meter = _meter(pred.settings_, job.model, tuple(job.space.input_shape[1:]), device) if meet else None
+    meter = (_meter(pred.settings_, job.model, tuple(job.space.input_shape[1:]), device, _table_estimator(table))
+             if meet else None)
     try:
         out, correction, calibration, base_ms = _prune_and_correct(job, pruner, target, meet, meter)
         if round_hw:
@@ -122,6 +127,9 @@ def prune_to_target(checkpoint: Checkpoint | str | Path, method: str, objective:
         if meet is not None:
             meta.update({"latency_target": meet, "device_correction": correction, "goal_calibration": calibration,
                          "method_widths": dict(out.info.get("method_widths", out.widths.widths))})
+            decision = next((e["decision"] for e in correction or [] if e.get("decision")), None)
+            if decision:
+                meta["device_correction_decision"] = decision
         model = out.build(out.widths, out.keep)
         if meter is not None:
             meta.update(_final_measure(meter, model))
@@ -167,7 +175,7 @@ def _measured_goal(objective, target, latency_target, pred, device: DeviceOption
 
 def _prune_and_correct(job, pruner, target, meet, meter):
     """Steps 1-3 of the loop: calibrate the goal, prune with the method, correct on the device."""
-    from hwprune.pruning.gcp import correct_to_measured
+    from hwprune.pruning.device_correction import correct_to_measured
 
     if meet is None:
         return pruner(job, target), None, None, None
@@ -176,23 +184,37 @@ def _prune_and_correct(job, pruner, target, meet, meter):
     out = pruner(job, goal)
     out.info["method_widths"] = dict(out.widths.widths)
     out.info["goal"] = goal
-    states = []
-
-    def measure(widths, keep):
-        g = meter({"pruned": out.build(widths, keep)})
-        states.append(g.host_state())
-        return base_ms * g.ratios["pruned"]
-
-    widths, keep, log = correct_to_measured(job.space, job.cost, out.widths, out.keep, out.scores, out.prior, measure,
-                                            base_ms, meet, min_keep=job.min_keep)
-    for entry, st in zip(log, states):  # one measurement per logged round
-        entry.update(st)
+    widths, keep, log = correct_to_measured(job.space, job.cost, out.widths, out.keep, out.scores, out.prior,
+                                            _reader(meter, out, base_ms), base_ms, meet, min_keep=job.min_keep)
     out.widths, out.keep = widths, keep
     return out, log, calibration, base_ms
 
 
+def _reader(meter, out, base_ms: float):
+    """The correction's ``measure``: a :class:`~hwprune.pruning.device_correction.Reading` of the pruned
+    model from the meter's gated rounds; measuring the same widths again asks for twice the rounds."""
+    from hwprune.pruning.device_correction import Reading
+
+    last: dict = {}
+
+    def measure(widths, keep):
+        key = tuple(sorted(widths.widths.items()))
+        need = 2 * meter.need if last.get("key") == key else None
+        last["key"] = key
+        g = meter({"pruned": out.build(widths, keep)}, need=need)
+        values = [base_ms * r for r in g.round_ratios.get("pruned") or [g.ratios["pruned"]]]
+        return Reading.from_values(values, {**g.host_state(), "estimator": g.estimator})
+
+    return measure
+
+
 def calibrate_goal(job, target: float, meter, meet: float, base_ms: float) -> tuple[float, list[dict]]:
-    """The objective's cost fraction at which uniform pruning measures ``meet`` of the base latency."""
+    """The objective's cost fraction at which uniform pruning measures ``meet`` of the base latency.
+
+    Each try is logged with its ratio's interval; a try whose interval reaches across the target
+    (:meth:`~hwprune.pruning.device_correction.Reading.ambiguous`) is steered on its upper end, as a
+    miss, so that an ambiguous measurement never ends the calibration as met."""
+    from hwprune.pruning.device_correction import Reading
     from hwprune.pruning.widths import MeasuredTarget, prune_widths
 
     goal, log, steer = target, [], MeasuredTarget(meet, 0.05)
@@ -204,11 +226,15 @@ def calibrate_goal(job, target: float, meter, meet: float, base_ms: float) -> tu
             break
         g = meter({"pruned": job.space.apply(res.widths, model=job.model, keep=res.keep)})
         ratio = g.ratios["pruned"]
-        log.append({"round": r, "goal": goal, "measured_ms": base_ms * ratio, "ratio": ratio,
-                    "predicted_fraction": res.cost_fraction, **g.host_state()})
-        if steer.record(res.cost_fraction, ratio, res.cost_fraction):
+        lo, hi = g.interval("pruned")
+        ambiguous = Reading(ratio, lo, hi).ambiguous(meet)
+        log.append({"round": r, "goal": goal, "measured_ms": base_ms * ratio, "ratio": ratio, "ratio_lo": lo,
+                    "ratio_hi": hi, "ambiguous": ambiguous, "predicted_fraction": res.cost_fraction,
+                    **g.host_state()})
+        decided = max(ratio, hi) if ambiguous else ratio
+        if steer.record(res.cost_fraction, decided, res.cost_fraction):
             break
-        goal = min(1.0, steer.next_goal(res.cost_fraction, ratio))
+        goal = min(1.0, steer.next_goal(res.cost_fraction, decided))
     if steer.last is None:
         return target, log
     return float(min(0.99, max(steer.chosen(), 1e-3))), log
@@ -241,14 +267,27 @@ def _meta(ck, parent, job, method, objective, target, out, pred, table, t0) -> d
 
 def _final_measure(meter, model: nn.Module) -> dict:
     g = meter({"pruned": model})
+    lo, hi = g.interval("pruned")
     return {"base_measured_ms": g.reference_ms, "measured_ms": g.ms["pruned"],
-            "measured_speedup": 1.0 / g.ratios["pruned"],
+            "measured_speedup": 1.0 / g.ratios["pruned"], "measured_ratio_ci": [lo, hi],
+            "measured_speedup_ci": [1.0 / hi, 1.0 / lo],
             "measured_rounds": {"rounds": g.rounds, "gated": g.gated_rounds, "settled": g.settled},
-            "measured_estimator": ESTIMATOR}
+            "measured_estimator": ESTIMATOR.format(estimator=g.estimator)}
 
 
-def _meter(settings: dict, base: nn.Module, chw: tuple, device: DeviceOptions):
-    """A :class:`hwprune.bench.harness.GatedMeter` on the table's backend and settings, the unpruned model as reference."""
+def _table_estimator(table: str | Path | None) -> str | None:
+    """The estimator an anchored table was profiled with (None: the meter's default, the median)."""
+    if table is None:
+        return None
+    from hwprune.profiling.table import LatencyTable
+
+    meta = LatencyTable.read_meta(table)
+    return ((meta.noise or {}).get("estimator") or {}).get("name") if meta is not None else None
+
+
+def _meter(settings: dict, base: nn.Module, chw: tuple, device: DeviceOptions, estimator: str | None = None):
+    """A :class:`hwprune.bench.harness.GatedMeter` on the table's backend and settings, the unpruned model as
+    reference, every round summarised with ``estimator`` (the table's)."""
     from dataclasses import replace
 
     from hwprune.bench.harness import BenchModel, GatedMeter
@@ -257,7 +296,7 @@ def _meter(settings: dict, base: nn.Module, chw: tuple, device: DeviceOptions):
     return GatedMeter(BenchModel("base", module=base, input_size=chw), settings["backend"],
                       int(settings.get("batch") or 1), threads=settings.get("threads"),
                       device=settings.get("device") or "cpu", patience_s=device.patience_s,
-                      measure=replace(MeasureConfig.quick(), retries=0) if device.quick else None)
+                      measure=replace(MeasureConfig.quick(), retries=0) if device.quick else None, estimator=estimator)
 
 
 def _finetuned(ck, job, model, widths, meta, data, ft: Finetune, path, quiet) -> Checkpoint:

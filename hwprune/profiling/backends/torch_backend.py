@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from hwprune.errors import HwpruneError
-from hwprune.profiling.measure import MeasureConfig, Measurement, Stats, measure, wallclock_step
+from hwprune.profiling.measure import MeasureConfig, Measurement, Stats, collect, measure, wallclock_step
 from hwprune.profiling.rows import UnitKey, UnitSpec
 from hwprune.profiling.backends.base import Backend, LayerTiming, ModelArtifact, register_backend
 
@@ -574,19 +574,8 @@ class TorchBackend(Backend):
             try:
                 with torch.inference_mode(), self._autocast():
                     one_forward()  # first run: lazy initialisation, not recorded
-                    t_end = time.perf_counter() + cfg.warmup_s
-                    while time.perf_counter() < t_end:
-                        one_forward()
-                    state["record"] = True
-                    t0 = time.perf_counter()
-                    n = 0
-                    while True:
-                        one_forward()
-                        n += 1
-                        if n >= cfg.max_iters:
-                            break
-                        if n >= cfg.min_iters and time.perf_counter() - t0 >= cfg.min_time_s:
-                            break
+                    # the protocol's one timing loop; one_forward synchronises, recording starts after the warm-up
+                    collect(one_forward, cfg, on_start=lambda: state.update(record=True))
             finally:
                 for h in handles:
                     h.remove()
