@@ -11,23 +11,15 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Sequence
 
+from hwprune.bench.figures import figure_png
+
 SECTIONS = ("device", "results", "pareto", "widths", "predicted", "sensitivity", "commands")
 CHARTS = (("pareto", "Accuracy versus throughput"), ("widths", "Per-layer widths"),
           ("predicted", "Predicted versus measured latency"), ("sensitivity", "Layer sensitivity (LSTM controller)"))
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -72,7 +64,7 @@ def width_chart(lines: dict[str, Sequence[float]], out: str | Path, labels: Sequ
 
     if not lines:
         raise ValueError("width_chart needs at least one line")
-    return atomic_write_bytes(Path(out), _png(_width_figure(lines, labels, title)))
+    return atomic_write_bytes(Path(out), figure_png(_width_figure(lines, labels, title)))
 
 
 def _figures(doc: dict, cks: list[dict]) -> dict[str, bytes | None]:
@@ -97,12 +89,12 @@ def _figures(doc: dict, cks: list[dict]) -> dict[str, bytes | None]:
         ax.set_ylabel("top-1 accuracy (%)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        figs["pareto"] = _png(fig)
+        figs["pareto"] = figure_png(fig)
     else:
         figs["pareto"] = None
     wcks = [c for c in cks if c.get("fractions")]
     if wcks:
-        figs["widths"] = _png(_width_figure({c["label"]: c["fractions"] for c in wcks}))
+        figs["widths"] = figure_png(_width_figure({c["label"]: c["fractions"] for c in wcks}))
     else:
         figs["widths"] = None
     pv = [(r["latency_ms"]["median"], r["predicted_ms"], r["model"]) for r in doc["results"]
@@ -117,7 +109,7 @@ def _figures(doc: dict, cks: list[dict]) -> dict[str, bytes | None]:
         ax.set_ylabel("predicted latency (ms)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        figs["predicted"] = _png(fig)
+        figs["predicted"] = figure_png(fig)
     else:
         figs["predicted"] = None
     return figs
@@ -148,41 +140,51 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out: str | Path) -> tuple[Path, Path]:
-    from hwprune.errors import HwpruneError
-    from hwprune.atomic import atomic_write_bytes, atomic_write_text
+_RESULT_HEADERS = ["model", "batch", "median ms", "p90 ms", "p99 ms", "CoV across sessions", "images/s",
+                   "predicted ms", "status"]
+_NO_DATA = {"pareto": "no checkpoint with accuracy among the benched models",
+            "widths": "no pruned checkpoint given",
+            "predicted": "bench was run without --table",
+            "sensitivity": "no checkpoint pruned by the lstm method"}
 
-    bench_json, out = Path(bench_json), Path(out)
+
+def _load_bench(bench_json: Path) -> dict:
+    from hwprune.errors import HwpruneError
+
     try:
         doc = json.loads(bench_json.read_text())
         doc["results"], doc["settings"], doc["device"]
     except (OSError, ValueError, KeyError) as e:
         raise HwpruneError(f"'{bench_json}' is not a bench result written by `hwprune bench --json` ({e})") from None
-    cks = _checkpoint_rows([Path(c) for c in checkpoints])
-    figs = _figures(doc, cks)
-    from hwprune.pruning.lstm.sensitivity import report_png
+    return doc
 
-    figs["sensitivity"] = report_png([c["path"] for c in cks])
+
+def _device_rows(doc: dict) -> list[tuple[str, str]]:
     dev = doc["device"]
-    device_rows = [("CPU", f"{dev.get('cpu_model')} ({dev.get('cpu_cores')} cores, {' '.join(dev.get('cpu_flags') or [])})"),
-                   ("GPU", ", ".join(f"{g['name']} (driver {g['driver']})" for g in dev.get("gpus") or []) or "none"),
-                   *[(k, _fmt(v)) for k, v in doc["settings"].items() if k != "measure"]]
-    result_rows = []
-    for r in doc["results"]:
+    return [("CPU", f"{dev.get('cpu_model')} ({dev.get('cpu_cores')} cores, {' '.join(dev.get('cpu_flags') or [])})"),
+            ("GPU", ", ".join(f"{g['name']} (driver {g['driver']})" for g in dev.get("gpus") or []) or "none"),
+            *[(k, _fmt(v)) for k, v in doc["settings"].items() if k != "measure"]]
+
+
+def _result_rows(results: list[dict]) -> list[list]:
+    rows = []
+    for r in results:
         lat = r.get("latency_ms") or {}
-        result_rows.append([r["model"], r["batch"], _fmt(lat.get("median", "")), _fmt(lat.get("p90", "")),
-                            _fmt(lat.get("p99", "")), f"{100 * lat.get('between_session_cov', 0):.2f}%" if lat else "",
-                            _fmt(r.get("throughput_ips", "")), _fmt(r.get("predicted_ms", "") or ""),
-                            r.get("error") or "ok"])
-    headers = ["model", "batch", "median ms", "p90 ms", "p99 ms", "CoV across sessions", "images/s", "predicted ms",
-               "status"]
-    commands = [doc.get("command") or "hwprune bench ..."] + [f"hwprune report --bench {bench_json} "
-                                                              f"{' '.join('--checkpoints ' + str(c) for c in checkpoints)} --out {out}"]
-    stem = out.with_suffix("")
-    # Markdown twin, with the figures as PNG files beside it
+        rows.append([r["model"], r["batch"], _fmt(lat.get("median", "")), _fmt(lat.get("p90", "")),
+                     _fmt(lat.get("p99", "")), f"{100 * lat.get('between_session_cov', 0):.2f}%" if lat else "",
+                     _fmt(r.get("throughput_ips", "")), _fmt(r.get("predicted_ms", "") or ""),
+                     r.get("error") or "ok"])
+    return rows
+
+
+def _markdown(doc: dict, device_rows, result_rows, figs: dict, commands: list[str], stem: Path) -> str:
+    """The Markdown twin; writes each figure as a PNG file beside it (``STEM_KEY.png``)."""
+    from hwprune.atomic import atomic_write_bytes
+
     md = ["# hwprune benchmark report", "", "## Device {#device}", "", "| | |", "|---|---|"]
     md += [f"| {k} | {html.escape(str(v))} |" for k, v in device_rows]
-    md += ["", "## Results {#results}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["", "## Results {#results}", "", "| " + " | ".join(_RESULT_HEADERS) + " |",
+           "|" + "---|" * len(_RESULT_HEADERS)]
     md += ["| " + " | ".join(str(c) for c in row) + " |" for row in result_rows]
     for s in doc.get("speedups", []):
         md.append(f"\n{s['model']} vs {s['baseline']} at batch {s['batch']}: **{s['speedup']:.2f}x** (interleaved rounds)")
@@ -193,24 +195,25 @@ def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out:
             atomic_write_bytes(png, figs[key])
             md.append(f"![{title}]({png.name})")
         else:
-            md.append("(no data for this chart: " + {"pareto": "no checkpoint with accuracy among the benched models",
-                                                     "widths": "no pruned checkpoint given",
-                                                     "predicted": "bench was run without --table",
-                                                     "sensitivity": "no checkpoint pruned by the lstm method"}[key] + ")")
+            md.append("(no data for this chart: " + _NO_DATA[key] + ")")
     md += ["", "## Reproduce {#commands}", "", "```bash", *commands, "```", ""]
-    md_path = atomic_write_text(out.with_suffix(".md"), "\n".join(md))
+    return "\n".join(md)
 
-    def table_html(head, rows):
-        th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
-        trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
+def _table_html(head, rows) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _html(doc: dict, device_rows, result_rows, figs: dict, cks: list[dict], commands: list[str]) -> str:
+    """The self-contained page: figures inlined as base64 PNGs."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>hwprune report</title>",
              "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>",
              "<h1>hwprune benchmark report</h1>",
-             f"<section id='device'><h2>Device</h2>{table_html(['', ''], device_rows)}</section>",
-             f"<section id='results'><h2>Results</h2>{table_html(headers, result_rows)}"]
+             f"<section id='device'><h2>Device</h2>{_table_html(['', ''], device_rows)}</section>",
+             f"<section id='results'><h2>Results</h2>{_table_html(_RESULT_HEADERS, result_rows)}"]
     for s in doc.get("speedups", []):
         parts.append(f"<p>{html.escape(s['model'])} vs {html.escape(s['baseline'])} at batch {s['batch']}: "
                      f"<b>{s['speedup']:.2f}x</b></p>")
@@ -220,9 +223,27 @@ def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out:
                 if figs[key] else "<p>No data for this chart.</p>")
         parts.append(f"<section id='{key}'><h2>{title}</h2>{body}</section>")
     if cks:
-        parts.append(table_html(["checkpoint", "arch", "top-1", "details"],
-                                [[c["label"], c["arch"], _fmt(c["top1"]), json.dumps(c["meta"])] for c in cks]))
+        parts.append(_table_html(["checkpoint", "arch", "top-1", "details"],
+                                 [[c["label"], c["arch"], _fmt(c["top1"]), json.dumps(c["meta"])] for c in cks]))
     parts.append("<section id='commands'><h2>Reproduce</h2><pre>" + html.escape("\n".join(commands)) +
                  "</pre></section></body></html>")
-    html_path = atomic_write_text(out, "".join(parts))
+    return "".join(parts)
+
+
+def write_report(bench_json: str | Path, checkpoints: Sequence[str | Path], out: str | Path) -> tuple[Path, Path]:
+    from hwprune.atomic import atomic_write_text
+    from hwprune.pruning.lstm.sensitivity import report_png
+
+    bench_json, out = Path(bench_json), Path(out)
+    doc = _load_bench(bench_json)
+    cks = _checkpoint_rows([Path(c) for c in checkpoints])
+    figs = _figures(doc, cks)
+    figs["sensitivity"] = report_png([c["path"] for c in cks])
+    device_rows, result_rows = _device_rows(doc), _result_rows(doc["results"])
+    commands = [doc.get("command") or "hwprune bench ..."] + [f"hwprune report --bench {bench_json} "
+                                                              f"{' '.join('--checkpoints ' + str(c) for c in checkpoints)} --out {out}"]
+    # Markdown twin, with the figures as PNG files beside it
+    md_path = atomic_write_text(out.with_suffix(".md"),
+                                _markdown(doc, device_rows, result_rows, figs, commands, out.with_suffix("")))
+    html_path = atomic_write_text(out, _html(doc, device_rows, result_rows, figs, cks, commands))
     return html_path, md_path

@@ -58,6 +58,14 @@ def _write_bundle(source, names, samples, seed, bundle: Path, batch, threads) ->
                   f"then: hwprune calibrate --predictor P --bundle-results {bundle} --out P2", highlight=False)
 
 
+_HELP = {
+    "graph_optimization": "onnxruntime: disabled | basic | extended | all (default all).",
+    "table_out": "Where the measurements go (default: beside --out).",
+    "bundle": "Write the configurations into a device bundle instead of measuring here.",
+    "bundle_results": "Calibrate on a calibration bundle the device has run.",
+}
+
+
 @app.command()
 def calibrate(
     predictor: Optional[Path] = typer.Option(None, "--predictor", help="Source predictor (from `hwprune fit`)."),
@@ -68,18 +76,14 @@ def calibrate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (torch, tensorrt)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: all cores)."),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Batch size (default: the source's)."),
-    graph_optimization: Optional[str] = typer.Option(
-        None, "--graph-optimization", help="onnxruntime: disabled | basic | extended | all (default all)."),
+    graph_optimization: Optional[str] = typer.Option(None, "--graph-optimization", help=_HELP["graph_optimization"]),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Fresh sessions per configuration."),
     seed: int = typer.Option(0, "--seed", help="Seed of the candidate configurations."),
     quick: bool = typer.Option(False, "--quick", help="Short measurements (smoke tests, not for results)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Calibrated predictor to write (X.predictor.zip)."),
-    table_out: Optional[Path] = typer.Option(None, "--table-out",
-                                             help="Where the measurements go (default: beside --out)."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Write the configurations into a device bundle "
-                                          "instead of measuring here."),
-    bundle_results: Optional[Path] = typer.Option(None, "--bundle-results",
-                                                  help="Calibrate on a calibration bundle the device has run."),
+    table_out: Optional[Path] = typer.Option(None, "--table-out", help=_HELP["table_out"]),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help=_HELP["bundle"]),
+    bundle_results: Optional[Path] = typer.Option(None, "--bundle-results", help=_HELP["bundle_results"]),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Calibrate a fitted predictor for this device (or other settings) from a few end-to-end timings."""

@@ -106,6 +106,20 @@ def predict(table: Path = typer.Option(..., "--table"),
         console.print(f"[yellow]* extrapolated beyond the table's range[/] ({len(extrapolated)} layers)")
 
 
+_VALIDATE_HELP = {
+    "gate": "Shared hosts: time the unpruned model before every session and count only sessions within this "
+            "fraction of its fastest timing (e.g. 0.05).",
+    "paired": "Shared hosts: time the unpruned model in the same window as every session and also report the "
+              "accuracy of the latency relative to it, which the host's drift cannot move.",
+    "measured": "Time nothing: re-predict the configurations of an earlier `validate --json` output with this "
+                "table's predictor and score them against the measurements stored there.",
+    "anchor": "Tie every session to the unpruned model timed in its window (paired, or probes before and after) "
+              "and also score the measurements normalised to the table's host state.",
+    "claim": "Share of predictions within ±10% the run checks; when even measured against measured fewer "
+             "sessions agree that well, the report says the host is too noisy for it.",
+}
+
+
 @app.command()
 def validate(table: Path = typer.Option(..., "--table"),
              model: Optional[str] = typer.Option(None, "--model", help="Model name(s), comma separated."),
@@ -113,45 +127,18 @@ def validate(table: Path = typer.Option(..., "--table"),
              seed: int = typer.Option(0, "--seed"),
              rounds: int = typer.Option(2, "--rounds", min=1, help="Fresh sessions per configuration."),
              plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (default: beside the table)."),
-             gate: Optional[float] = typer.Option(
-                 None, "--gate", min=0.0, max=0.99,
-                 help="Shared hosts: time the unpruned model before every session and count only sessions "
-                      "within this fraction of its fastest timing (e.g. 0.05)."),
-             paired: bool = typer.Option(
-                 False, "--paired",
-                 help="Shared hosts: time the unpruned model in the same window as every session and also "
-                      "report the accuracy of the latency relative to it, which the host's drift cannot move."),
-             measured: Optional[Path] = typer.Option(
-                 None, "--measured",
-                 help="Time nothing: re-predict the configurations of an earlier `validate --json` output "
-                      "with this table's predictor and score them against the measurements stored there."),
-             anchor: bool = typer.Option(
-                 True, "--anchor/--no-anchor",
-                 help="Tie every session to the unpruned model timed in its window (paired, or probes before and "
-                      "after) and also score the measurements normalised to the table's host state."),
-             claim: float = typer.Option(
-                 0.95, "--claim", min=0.01, max=1.0,
-                 help="Share of predictions within ±10% the run checks; when even measured against measured "
-                      "fewer sessions agree that well, the report says the host is too noisy for it."),
+             gate: Optional[float] = typer.Option(None, "--gate", min=0.0, max=0.99, help=_VALIDATE_HELP["gate"]),
+             paired: bool = typer.Option(False, "--paired", help=_VALIDATE_HELP["paired"]),
+             measured: Optional[Path] = typer.Option(None, "--measured", help=_VALIDATE_HELP["measured"]),
+             anchor: bool = typer.Option(True, "--anchor/--no-anchor", help=_VALIDATE_HELP["anchor"]),
+             claim: float = typer.Option(0.95, "--claim", min=0.01, max=1.0, help=_VALIDATE_HELP["claim"]),
              predictor: Optional[Path] = typer.Option(None, "--predictor", help=PREDICTOR_HELP),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Measure random pruned models end to end and compare them with the predictions."""
-    from hwprune.prediction.artifact import predictor_for
-    from hwprune.progress import item_progress
-    from hwprune.profiling.table import LatencyTable
-    from hwprune.prediction.validate import plot_validation, repredict, validate as run_validate
+    from hwprune.prediction.validate import plot_validation
 
-    t = LatencyTable.load(table)
-    if measured is not None:
-        res = repredict(t, read_json(measured, "validation"), predictor_for(table, predictor, t))
-    else:
-        names = [m.strip() for m in (model or "").split(",") if m.strip()]
-        if not names:
-            raise HwpruneError("no model to validate", "give --model NAME[,NAME...] (or --measured FILE)")
-        pred = predictor_for(table, predictor, t)
-        with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
-            res = run_validate(t, names, samples, seed=seed, rounds=rounds, progress=update, gate=gate,
-                               paired=paired, predictor=pred, anchor=anchor, claim=claim)
+    res = _validation(table, model, measured, predictor, as_json, samples=samples, seed=seed, rounds=rounds,
+                      gate=gate, paired=paired, anchor=anchor, claim=claim)
     png = plot or table.with_suffix(".validation.png")
     plot_validation(res, png)
     # every configuration with its widths and session timings, so that the measurements can be
@@ -161,6 +148,25 @@ def validate(table: Path = typer.Option(..., "--table"),
         _echo_json(doc)
         return
     _print_validation(res, png)
+
+
+def _validation(table: Path, model: Optional[str], measured: Optional[Path], predictor: Optional[Path],
+                as_json: bool, **options):
+    """Re-predict the ``--measured`` file, or time new configurations of the models with the run's options."""
+    from hwprune.prediction.artifact import predictor_for
+    from hwprune.progress import item_progress
+    from hwprune.profiling.table import LatencyTable
+    from hwprune.prediction.validate import repredict, validate as run_validate
+
+    t = LatencyTable.load(table)
+    if measured is not None:
+        return repredict(t, read_json(measured, "validation"), predictor_for(table, predictor, t))
+    names = [m.strip() for m in (model or "").split(",") if m.strip()]
+    if not names:
+        raise HwpruneError("no model to validate", "give --model NAME[,NAME...] (or --measured FILE)")
+    pred = predictor_for(table, predictor, t)
+    with item_progress(f"validating on {t.settings.get('backend')}", enabled=not as_json) as update:
+        return run_validate(t, names, progress=update, predictor=pred, **options)
 
 
 def _print_validation(res, png: Path) -> None:

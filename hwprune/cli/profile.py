@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -129,6 +130,20 @@ def _noise_rows(noise: dict) -> list[tuple[str, str]]:
             ("re-measured / unsteady", f"{noise.get('remeasured', 0)} / {noise.get('unsteady_configs', 0)} configurations")]
 
 
+_PROFILE_HELP = {
+    "gate": "Shared hosts: time the unpruned model before and after every configuration and re-measure the "
+            "configuration when it ran more than this fraction slower than its fastest timing (e.g. 0.05).",
+    "gate_budget": "Seconds this run may spend re-measuring configurations whose reference moved within their "
+                   "window (or, with --gate, ran slow); after that each is kept once (default: no limit).",
+    "anchor": "Time the unpruned model before, within and after every configuration, re-measure when it moved, "
+              "normalise the rows to one host state, choose the estimator on data and repeat each window until "
+              "its estimate is known within +-2%. --no-anchor profiles as earlier tables were (median, fixed "
+              "windows).",
+    "anchor_tolerance": "How far the reference may move within a window before the configuration is measured again.",
+    "estimator": "median | p10 | min-round (default: chosen on the reference's sessions).",
+}
+
+
 @app.command()
 def profile(
     model: str = typer.Option("cifar_resnet20", "--model", help="Model name, or several separated by commas."),
@@ -146,46 +161,15 @@ def profile(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing table."),
     quick: bool = typer.Option(False, "--quick", help="Short measurements (smoke tests, not for real tables)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    gate: Optional[float] = typer.Option(
-        None, "--gate", min=0.0, max=0.99,
-        help="Shared hosts: time the unpruned model before and after every configuration and re-measure the "
-             "configuration when it ran more than this fraction slower than its fastest timing (e.g. 0.05)."),
-    gate_budget: Optional[float] = typer.Option(
-        None, "--gate-budget", min=0.0,
-        help="Seconds this run may spend re-measuring configurations whose reference moved within their window "
-             "(or, with --gate, ran slow); after that each is kept once (default: no limit)."),
-    anchor: bool = typer.Option(
-        True, "--anchor/--no-anchor",
-        help="Time the unpruned model before, within and after every configuration, re-measure when it moved, "
-             "normalise the rows to one host state, choose the estimator on data and repeat each window until "
-             "its estimate is known within +-2%. --no-anchor profiles as earlier tables were (median, fixed windows)."),
-    anchor_tolerance: float = typer.Option(
-        0.05, "--anchor-tolerance", min=0.001, max=0.99,
-        help="How far the reference may move within a window before the configuration is measured again."),
-    estimator: Optional[str] = typer.Option(
-        None, "--estimator", help="median | p10 | min-round (default: chosen on the reference's sessions)."),
+    gate: Optional[float] = typer.Option(None, "--gate", min=0.0, max=0.99, help=_PROFILE_HELP["gate"]),
+    gate_budget: Optional[float] = typer.Option(None, "--gate-budget", min=0.0, help=_PROFILE_HELP["gate_budget"]),
+    anchor: bool = typer.Option(True, "--anchor/--no-anchor", help=_PROFILE_HELP["anchor"]),
+    anchor_tolerance: float = typer.Option(0.05, "--anchor-tolerance", min=0.001, max=0.99,
+                                           help=_PROFILE_HELP["anchor_tolerance"]),
+    estimator: Optional[str] = typer.Option(None, "--estimator", help=_PROFILE_HELP["estimator"]),
 ) -> None:
     """Profile this machine: sample width configurations, measure, write a latency table."""
-    from hwprune.profiling.backends import create_backend
-    from hwprune.profiling.measure import MeasureConfig
-    from hwprune.models import create_model, is_model
-    from hwprune.profiling.profiler import AnchorConfig, check_anchor, profile as run_profile
-    from hwprune.progress import item_progress
-
-    names = [m.strip() for m in model.split(",") if m.strip()]
-    for n in names:
-        if not is_model(n):
-            create_model(n)
-    if estimator and not anchor:
-        raise HwpruneError("--estimator goes with anchored profiling", "drop --no-anchor or --estimator")
-    windows = AnchorConfig(tolerance=anchor_tolerance, estimator=estimator) if anchor else None
-    check_anchor(windows)
-    measure = MeasureConfig.quick() if quick else MeasureConfig.profile(adaptive=anchor)
-    be = create_backend(backend, threads=threads, device=device, measure=measure)
-    with item_progress(f"profiling {model} ({backend}, batch {batch})", enabled=not as_json) as update:
-        table = run_profile(names, out, be, batch=batch, input_size=input_size, configs=configs, seed=seed,
-                            micro_per_config=micro, resume=resume, overwrite=overwrite, max_minutes=max_minutes,
-                            progress=update, gate=gate, gate_budget_s=gate_budget, anchor=windows)
+    table = _run_profile(SimpleNamespace(**locals()))
     summary = table.summary()
     summary["path"] = str(out)
     if as_json:
@@ -196,6 +180,31 @@ def profile(
         console.print(f"[yellow]partial table[/]: {table.meta.items_done}/{table.meta.items_planned} configurations; "
                       f"continue with the same command and --resume")
     console.print(f"wrote {out}")
+
+
+def _run_profile(a: SimpleNamespace):
+    """Check the models and the anchoring options, then run :func:`~hwprune.profiling.profiler.profile`."""
+    from hwprune.profiling.backends import create_backend
+    from hwprune.profiling.measure import MeasureConfig
+    from hwprune.models import create_model, is_model
+    from hwprune.profiling.profiler import AnchorConfig, check_anchor, profile as run_profile
+    from hwprune.progress import item_progress
+
+    names = [m.strip() for m in a.model.split(",") if m.strip()]
+    for n in names:
+        if not is_model(n):
+            create_model(n)
+    if a.estimator and not a.anchor:
+        raise HwpruneError("--estimator goes with anchored profiling", "drop --no-anchor or --estimator")
+    windows = AnchorConfig(tolerance=a.anchor_tolerance, estimator=a.estimator) if a.anchor else None
+    check_anchor(windows)
+    measure = MeasureConfig.quick() if a.quick else MeasureConfig.profile(adaptive=a.anchor)
+    be = create_backend(a.backend, threads=a.threads, device=a.device, measure=measure)
+    with item_progress(f"profiling {a.model} ({a.backend}, batch {a.batch})", enabled=not a.as_json) as update:
+        return run_profile(names, a.out, be, batch=a.batch, input_size=a.input_size, configs=a.configs, seed=a.seed,
+                           micro_per_config=a.micro, resume=a.resume, overwrite=a.overwrite,
+                           max_minutes=a.max_minutes, progress=update, gate=a.gate, gate_budget_s=a.gate_budget,
+                           anchor=windows)
 
 
 @table_app.command("info")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -44,23 +45,28 @@ def search(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Search a supernet for the fittest widths within a cost budget; the best few are measured on the device."""
+    found = _find(SimpleNamespace(**locals()))
+    found.save(out)
+    _print(found, out, as_json)
+
+
+def _find(a: SimpleNamespace):
+    """Check the output path, then run :func:`~hwprune.search.supernet_search.find` with the command's options."""
     from hwprune.atomic import check_writable
     from hwprune.cli.prune import _set_threads
     from hwprune.pruning.target import DeviceOptions
     from hwprune.search.evolution import EvolutionConfig
     from hwprune.search.supernet_search import SearchOptions, find
 
-    check_writable(out)
-    _set_threads(threads)
-    cfg = EvolutionConfig(population=population, parents=parents, mutations=mutations, crossovers=crossovers,
-                          mutation_prob=mutation_prob, generations=generations)
-    opts = SearchOptions(prior=prior, config=cfg, window=(target * (1 - window), target), bn_batches=bn_batches,
-                         seed=seed, state_path=state, measure_top=measure_top)
-    found = find(supernet, objective, target, table=table, predictor=predictor, data=data, checkpoint=checkpoint,
-                 options=opts, device=DeviceOptions(measure=measure, patience_s=patience, quick=quick),
-                 quiet=as_json)
-    found.save(out)
-    _print(found, out, as_json)
+    check_writable(a.out)
+    _set_threads(a.threads)
+    cfg = EvolutionConfig(population=a.population, parents=a.parents, mutations=a.mutations, crossovers=a.crossovers,
+                          mutation_prob=a.mutation_prob, generations=a.generations)
+    opts = SearchOptions(prior=a.prior, config=cfg, window=(a.target * (1 - a.window), a.target),
+                         bn_batches=a.bn_batches, seed=a.seed, state_path=a.state, measure_top=a.measure_top)
+    return find(a.supernet, a.objective, a.target, table=a.table, predictor=a.predictor, data=a.data,
+                checkpoint=a.checkpoint, options=opts,
+                device=DeviceOptions(measure=a.measure, patience_s=a.patience, quick=a.quick), quiet=a.as_json)
 
 
 def _print(found, out: Path, as_json: bool) -> None:

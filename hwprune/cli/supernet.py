@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -48,19 +49,31 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Train a supernet of a base model; `torchrun --nproc-per-node N -m hwprune supernet train ...` scales out."""
+    sn = _train(SimpleNamespace(**locals()))
+    _print_trained(sn, out, as_json)
+
+
+def _train(a: SimpleNamespace):
+    """Check the settings and the data, then run :func:`~hwprune.search.supernet_training.train_supernet`."""
     from hwprune.prediction.artifact import predictor_for
-    from hwprune.search.distributed import is_main_process
     from hwprune.search.supernet_training import SupernetConfig, train_supernet
 
-    cfg = SupernetConfig(epochs=epochs, lr=lr, batch_size=batch_size, mode=mode, parallel=parallel,
-                         random_per_step=random_per_step, distill=distill or ("stage" if mode == "stage" else "teacher"),
-                         fractions=_fractions(fractions), seed=seed, threads=threads, max_iters=max_iters,
-                         holdout=holdout, execution=execution, precision=precision, device=device)
+    cfg = SupernetConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, mode=a.mode, parallel=a.parallel,
+                         random_per_step=a.random_per_step,
+                         distill=a.distill or ("stage" if a.mode == "stage" else "teacher"),
+                         fractions=_fractions(a.fractions), seed=a.seed, threads=a.threads, max_iters=a.max_iters,
+                         holdout=a.holdout, execution=a.execution, precision=a.precision, device=a.device)
     cfg.validate()
-    if not data.exists():
-        raise HwpruneError(f"data path {data} does not exist", hint="pass the training data of the base model")
-    pred = predictor_for(table, predictor)
-    sn = train_supernet(checkpoint, data, cfg, out, progress=not as_json, resume=resume, predictor=pred)
+    if not a.data.exists():
+        raise HwpruneError(f"data path {a.data} does not exist", hint="pass the training data of the base model")
+    pred = predictor_for(a.table, a.predictor)
+    return train_supernet(a.checkpoint, a.data, cfg, a.out, progress=not a.as_json, resume=a.resume, predictor=pred)
+
+
+def _print_trained(sn, out: Path, as_json: bool) -> None:
+    """The trained supernet's summary, printed by the main process only (torchrun starts several)."""
+    from hwprune.search.distributed import is_main_process
+
     if not is_main_process():
         return
     doc = _summary(sn, out)

@@ -198,18 +198,8 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     state for the ``normalised`` metrics. ``claim`` is the share within ±10% the report checks
     the ceiling against (see the module's docstring).
     """
-    if paired and gate:
-        raise HwpruneError("gated and paired validation are alternatives", "use --gate or --paired, not both")
-    if not 0 < claim <= 1:
-        raise HwpruneError(f"the claim must be a share in (0, 1], got {claim}")
+    pred = _checked_predictor(table, models, predictor, gate, paired, claim)
     s = table.settings
-    diff = table.mismatch({}, fingerprint())
-    if diff:
-        raise HwpruneError(f"the table was measured on another device ({diff})",
-                           "validate on the device the table describes")
-    pred = predictor or LatencyPredictor().fit(table)
-    for m in models:
-        pred.check_model(m)
     backend = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu",
                              measure=measure or table_measure_config(table))
     spaces = {m: PruningSpace.from_name(m, input_size=s.get("input_size")) for m in models}
@@ -236,6 +226,23 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
         device={k: table.meta.fingerprint.get(k) for k in ("cpu_model", "cpu_cores")},
         measure_seconds=time.perf_counter() - t0, slow_configs_used=getattr(pred, "slow_configs_used_", 0),
         drift=drift, samples=out)
+
+
+def _checked_predictor(table: LatencyTable, models: Sequence[str], predictor: LatencyPredictor | None,
+                       gate: float | None, paired: bool, claim: float) -> LatencyPredictor:
+    """Refuse a request that cannot be validated here; the predictor (fitted on ``table`` when none is given)."""
+    if paired and gate:
+        raise HwpruneError("gated and paired validation are alternatives", "use --gate or --paired, not both")
+    if not 0 < claim <= 1:
+        raise HwpruneError(f"the claim must be a share in (0, 1], got {claim}")
+    diff = table.mismatch({}, fingerprint())
+    if diff:
+        raise HwpruneError(f"the table was measured on another device ({diff})",
+                           "validate on the device the table describes")
+    pred = predictor or LatencyPredictor().fit(table)
+    for m in models:
+        pred.check_model(m)
+    return pred
 
 
 def _plan(models: Sequence[str], spaces: dict, samples: int, seed: int) -> list[tuple[str, WidthConfig]]:

@@ -37,47 +37,74 @@ class LayerSlot:
     groups: int = 1  # conv groups of a grouped convolution (pruning keeps them); 1 otherwise, depthwise included
 
 
+def _input_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The input shape of every conv and linear layer, read in one forward of a random input."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+
+    def record(name):
+        def hook(mod, inp, out):
+            shapes.setdefault(name, tuple(inp[0].shape))
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.randn(input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _layer_slots(space: PruningSpace) -> list[LayerSlot]:
+    """The conv and linear layers that run in a forward, in module order, tied to their channel groups."""
+    gidx = {g.id: i for i, g in enumerate(space.groups)}
+    out_of = {m: gidx[g.id] for g in space.groups for m in g.modules}
+    in_of = {m: gidx[g.id] for g in space.groups for m in g.consumers}
+    shapes = _input_shapes(space.model, space.input_shape)
+    slots = []
+    for name, m in space.model.named_modules():
+        if name not in shapes:
+            continue
+        x = shapes[name]
+        if isinstance(m, nn.Conv2d):
+            dw = is_depthwise(m)
+            og = out_of.get(name, -1)
+            ig = og if dw else in_of.get(name, -1)
+            slots.append(LayerSlot(name, "dwconv" if dw else "conv", m.kernel_size[0], m.kernel_size[1],
+                                   m.stride[0], int(x[2]), int(x[3]), ig, m.in_channels, og, m.out_channels,
+                                   m.bias is not None, 1 if dw else m.groups))
+        elif len(x) == 2:
+            slots.append(LayerSlot(name, "linear", 1, 1, 1, 1, 1, in_of.get(name, -1), m.in_features,
+                                   out_of.get(name, -1), m.out_features, m.bias is not None))
+    return slots
+
+
+def _producers(slots: Sequence[LayerSlot]) -> list[list[int]]:
+    """Per slot, the other slots whose output is its input group."""
+    producers: list[list[int]] = []
+    for j, s in enumerate(slots):
+        g = s.in_group
+        producers.append([i for i, p in enumerate(slots) if g >= 0 and p.out_group == g and i != j])
+    return producers
+
+
+def _peers(slots: Sequence[LayerSlot]) -> list[list[int]]:
+    """Per slot, the other slots writing its output group."""
+    return [[i for i, p in enumerate(slots) if s.out_group >= 0 and p.out_group == s.out_group and i != j]
+            for j, s in enumerate(slots)]
+
+
 class ModelTemplate:
     """The conv/linear layers of a model, with channels tied to its channel groups."""
 
     def __init__(self, space: PruningSpace):
         self.space = space
         self.group_ids = [g.id for g in space.groups]
-        gidx = {g.id: i for i, g in enumerate(space.groups)}
-        out_of = {m: gidx[g.id] for g in space.groups for m in g.modules}
-        in_of = {m: gidx[g.id] for g in space.groups for m in g.consumers}
-        shapes: dict[str, tuple[int, ...]] = {}
-        hooks = []
-
-        def record(name):
-            def hook(mod, inp, out):
-                shapes.setdefault(name, tuple(inp[0].shape))
-            return hook
-
-        for name, m in space.model.named_modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                hooks.append(m.register_forward_hook(record(name)))
-        try:
-            with torch.no_grad():
-                space.model.eval()(torch.randn(space.input_shape))
-        finally:
-            for h in hooks:
-                h.remove()
-        slots = []
-        for name, m in space.model.named_modules():
-            if name not in shapes:
-                continue
-            x = shapes[name]
-            if isinstance(m, nn.Conv2d):
-                dw = is_depthwise(m)
-                og = out_of.get(name, -1)
-                ig = og if dw else in_of.get(name, -1)
-                slots.append(LayerSlot(name, "dwconv" if dw else "conv", m.kernel_size[0], m.kernel_size[1],
-                                       m.stride[0], int(x[2]), int(x[3]), ig, m.in_channels, og, m.out_channels,
-                                       m.bias is not None, 1 if dw else m.groups))
-            elif len(x) == 2:
-                slots.append(LayerSlot(name, "linear", 1, 1, 1, 1, 1, in_of.get(name, -1), m.in_features,
-                                       out_of.get(name, -1), m.out_features, m.bias is not None))
+        slots = _layer_slots(space)
         self.slots = slots
         self.layer_names = [s.name for s in slots]
         kinds = {g.id: g.kind for g in space.groups}
@@ -90,15 +117,11 @@ class ModelTemplate:
         self.fixed_params = int(sum(p.numel() for p in space.model.parameters()) - self.params(full)[0])
         # The layers whose output feeds each layer: their input layout decides whether the
         # runtime has to reorder this layer's input.
-        self.producers: list[list[int]] = []
-        for j, s in enumerate(slots):
-            g = s.in_group
-            self.producers.append([i for i, p in enumerate(slots) if g >= 0 and p.out_group == g and i != j])
+        self.producers: list[list[int]] = _producers(slots)
         # The other layers writing the same channel group (the convolutions summed into one
         # residual stream, or a depthwise layer and its expansion): the stream's layout is
         # blocked only when every one of them runs blocked.
-        self.peers: list[list[int]] = [[i for i, p in enumerate(slots) if s.out_group >= 0 and p.out_group == s.out_group
-                                        and i != j] for j, s in enumerate(slots)]
+        self.peers: list[list[int]] = _peers(slots)
         self._dw = np.array([s.kind == "dwconv" for s in slots])
         self._conv = np.array([s.kind != "linear" for s in slots])
         self._groups = np.array([s.groups for s in slots], dtype=np.int64)

@@ -221,6 +221,132 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
 
 
 # -----------------------------------------------------------------------------------------
+# per-module timing hooks
+# -----------------------------------------------------------------------------------------
+class _LeafRecorder:
+    """Forward pre/post hooks on every leaf module that time each call of one forward.
+
+    CPU: ``perf_counter_ns`` stamps; CUDA: a pair of CUDA events per module call, taken from a
+    pool reused by every forward and resolved only after the forward's synchronize.
+    Samples are kept once :meth:`start_recording` has been called (after the warm-up).
+    """
+
+    def __init__(self, is_cuda: bool):
+        self.is_cuda = is_cuda
+        # per forward: (path, call index) -> [start, end] (ns on CPU, CUDA events on GPU)
+        self.calls: dict[tuple[str, int], list] = {}
+        self.order: list[tuple[str, int]] = []
+        self.meta: dict[tuple[str, int], dict] = {}
+        self.seen: dict[str, int] = defaultdict(int)
+        self.pending: list[tuple[str, int]] = []  # stack of open calls (leaves never nest)
+        self.ev_pool: list[torch.cuda.Event] = []
+        self.ev_used = 0
+        self.record = False
+        self.samples: dict[tuple[str, int], list[float]] = defaultdict(list)
+        self.forward_ms: list[float] = []
+
+    def _event(self) -> torch.cuda.Event:
+        i = self.ev_used
+        if i == len(self.ev_pool):
+            self.ev_pool.append(torch.cuda.Event(enable_timing=True))
+        self.ev_used += 1
+        return self.ev_pool[i]
+
+    def _hooks(self, path: str, mod: nn.Module):
+        # the hooks hold the containers themselves (cleared between forwards, never rebound)
+        calls, meta, order, seen, pending = self.calls, self.meta, self.order, self.seen, self.pending
+        is_cuda, event = self.is_cuda, self._event
+
+        def pre(_m, args):
+            k = (path, seen[path])
+            seen[path] += 1
+            if k not in meta:
+                x = _first_tensor(args)
+                shape = tuple(x.shape) if x is not None else ()
+                meta[k] = {"module": mod, "shape": shape, "layout": _layout_of(x)}
+                order.append(k)
+            if is_cuda:
+                e = event()
+                e.record()
+                calls[k] = [e, None]
+            else:
+                calls[k] = [time.perf_counter_ns(), None]
+            pending.append(k)
+
+        def post(_m, _args, out):
+            k = pending.pop() if pending else (path, seen[path] - 1)
+            if is_cuda:
+                e = event()
+                e.record()
+                calls[k][1] = e
+            else:
+                calls[k][1] = time.perf_counter_ns()
+            if "out_shape" not in meta[k]:
+                y = _first_tensor(out)
+                meta[k]["out_shape"] = tuple(y.shape) if y is not None else ()
+
+        return pre, post
+
+    def attach(self, module: nn.Module) -> list:
+        """Hook every leaf of ``module``; returns the handles to remove."""
+        leaves = [(n, m) for n, m in module.named_modules() if n and not any(True for _ in m.children())]
+        handles = []
+        for path, mod in leaves:
+            pre, post = self._hooks(path, mod)
+            handles.append(mod.register_forward_pre_hook(pre))
+            handles.append(mod.register_forward_hook(post))
+        return handles
+
+    def start_recording(self) -> None:
+        self.record = True
+
+    def start_forward(self) -> None:
+        self.calls.clear()
+        self.seen.clear()
+        self.pending.clear()
+        self.ev_used = 0
+
+    def end_forward(self, wall_ms: float) -> None:
+        """After the forward's synchronize: keep its module times (once recording)."""
+        if not self.record:
+            return
+        for k, (a, b) in self.calls.items():
+            if b is None:
+                continue
+            self.samples[k].append(float(a.elapsed_time(b)) if self.is_cuda else (b - a) / 1e6)
+        self.forward_ms.append(wall_ms)
+
+    def layer_timings(self, cov_threshold: float) -> tuple[list[LayerTiming], float]:
+        """One row per recorded module call, in call order, and the sum of their medians."""
+        rows: list[LayerTiming] = []
+        total_layers = 0.0
+        for k in self.order:
+            if not self.samples.get(k):
+                continue
+            path, idx = k
+            info = self.meta[k]
+            mod = info["module"]
+            unit = unit_key_for_module(mod, info["shape"], info["layout"])
+            stats = Stats.from_samples(self.samples[k], cov_threshold)
+            total_layers += stats.median
+            rows.append(LayerTiming(
+                unit=unit, stats=stats, node=path if idx == 0 else f"{path}#{idx}", layer=path,
+                extra={"module_type": type(mod).__name__, "call_index": idx,
+                       "input_shape": list(info["shape"]), "output_shape": list(info.get("out_shape", ())),
+                       "fused": False, "timing": "cuda_events" if self.is_cuda else "perf_counter_ns"}))
+        return rows, total_layers
+
+    def summary(self, cov_threshold: float, total_layers: float) -> dict:
+        """The profiled forward against the sum of its module medians."""
+        fwd = Stats.from_samples(self.forward_ms, cov_threshold)
+        return {
+            "profiled_forward_median_ms": fwd.median, "sum_of_module_medians_ms": total_layers,
+            "unhooked_gap_ms": fwd.median - total_layers, "iterations": len(self.forward_ms),
+            "note": "the gap holds functional ops (residual adds, flatten) and hook overhead",
+        }
+
+
+# -----------------------------------------------------------------------------------------
 # a torch module for a UnitSpec
 # -----------------------------------------------------------------------------------------
 def _activation_module(name: str) -> nn.Module | None:
@@ -496,113 +622,30 @@ class TorchBackend(Backend):
         with self._device_ctx():
             module, _ = self._prepare(module)
             xs = self._inputs(shapes)
-            leaves = [(n, m) for n, m in module.named_modules() if n and not any(True for _ in m.children())]
-            # per forward: (path, call index) -> [start, end] (ns on CPU, CUDA events on GPU)
-            calls: dict[tuple[str, int], list] = {}
-            order: list[tuple[str, int]] = []
-            meta: dict[tuple[str, int], dict] = {}
-            seen: dict[str, int] = defaultdict(int)
-            pending: list[tuple[str, int]] = []  # stack of open calls (leaves never nest)
-            ev_pool: list[torch.cuda.Event] = []
-            ev_used = [0]
-            state = {"record": False}
-
-            def _event() -> torch.cuda.Event:
-                i = ev_used[0]
-                if i == len(ev_pool):
-                    ev_pool.append(torch.cuda.Event(enable_timing=True))
-                ev_used[0] += 1
-                return ev_pool[i]
-
-            def make_hooks(path: str, mod: nn.Module):
-                def pre(_m, args):
-                    k = (path, seen[path])
-                    seen[path] += 1
-                    if k not in meta:
-                        x = _first_tensor(args)
-                        shape = tuple(x.shape) if x is not None else ()
-                        meta[k] = {"module": mod, "shape": shape, "layout": _layout_of(x)}
-                        order.append(k)
-                    if self.is_cuda:
-                        e = _event()
-                        e.record()
-                        calls[k] = [e, None]
-                    else:
-                        calls[k] = [time.perf_counter_ns(), None]
-                    pending.append(k)
-
-                def post(_m, _args, out):
-                    k = pending.pop() if pending else (path, seen[path] - 1)
-                    if self.is_cuda:
-                        e = _event()
-                        e.record()
-                        calls[k][1] = e
-                    else:
-                        calls[k][1] = time.perf_counter_ns()
-                    if "out_shape" not in meta[k]:
-                        y = _first_tensor(out)
-                        meta[k]["out_shape"] = tuple(y.shape) if y is not None else ()
-
-                return pre, post
-
-            handles = []
-            for path, mod in leaves:
-                pre, post = make_hooks(path, mod)
-                handles.append(mod.register_forward_pre_hook(pre))
-                handles.append(mod.register_forward_hook(post))
-
-            samples: dict[tuple[str, int], list[float]] = defaultdict(list)
-            forward_ms: list[float] = []
+            rec = _LeafRecorder(self.is_cuda)
+            handles = rec.attach(module)
 
             def one_forward() -> float:
-                calls.clear()
-                seen.clear()
-                pending.clear()
-                ev_used[0] = 0
+                rec.start_forward()
                 t = time.perf_counter_ns()
                 module(*xs)
                 self._sync()
                 wall = (time.perf_counter_ns() - t) / 1e6
-                if state["record"]:
-                    for k, (a, b) in calls.items():
-                        if b is None:
-                            continue
-                        samples[k].append(float(a.elapsed_time(b)) if self.is_cuda else (b - a) / 1e6)
-                    forward_ms.append(wall)
+                rec.end_forward(wall)
                 return wall
 
             try:
                 with torch.inference_mode(), self._autocast():
                     one_forward()  # first run: lazy initialisation, not recorded
                     # the protocol's one timing loop; one_forward synchronises, recording starts after the warm-up
-                    collect(one_forward, cfg, on_start=lambda: state.update(record=True))
+                    collect(one_forward, cfg, on_start=rec.start_recording)
             finally:
                 for h in handles:
                     h.remove()
 
-        rows: list[LayerTiming] = []
-        total_layers = 0.0
-        for k in order:
-            if not samples.get(k):
-                continue
-            path, idx = k
-            info = meta[k]
-            mod = info["module"]
-            unit = unit_key_for_module(mod, info["shape"], info["layout"])
-            stats = Stats.from_samples(samples[k], cfg.cov_threshold)
-            total_layers += stats.median
-            rows.append(LayerTiming(
-                unit=unit, stats=stats, node=path if idx == 0 else f"{path}#{idx}", layer=path,
-                extra={"module_type": type(mod).__name__, "call_index": idx,
-                       "input_shape": list(info["shape"]), "output_shape": list(info.get("out_shape", ())),
-                       "fused": False, "timing": "cuda_events" if self.is_cuda else "perf_counter_ns"}))
-        if forward_ms:
-            fwd = Stats.from_samples(forward_ms, cfg.cov_threshold)
-            self.last_profile_summary = {
-                "profiled_forward_median_ms": fwd.median, "sum_of_module_medians_ms": total_layers,
-                "unhooked_gap_ms": fwd.median - total_layers, "iterations": len(forward_ms),
-                "note": "the gap holds functional ops (residual adds, flatten) and hook overhead",
-            }
+        rows, total_layers = rec.layer_timings(cfg.cov_threshold)
+        if rec.forward_ms:
+            self.last_profile_summary = rec.summary(cfg.cov_threshold, total_layers)
         return rows
 
     def measure_unit(self, spec: UnitSpec, workdir: Path) -> list[LayerTiming]:

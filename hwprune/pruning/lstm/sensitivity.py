@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from hwprune.bench.figures import figure_png
+
 import numpy as np
 
 
@@ -71,12 +73,6 @@ def sensitivity_figure(log: Sequence[dict], groups: Sequence[str], title: str | 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def figure_png(fig) -> bytes:
-    from hwprune.bench.report import _png
-
-    return _png(fig)
 
 
 def save_sensitivity(log: Sequence[dict], groups: Sequence[str], out: str | Path, title: str | None = None) -> Path:
