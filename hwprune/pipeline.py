@@ -41,7 +41,7 @@ NOISY_CEILING = 0.9
 
 @dataclass
 class QuickstartConfig:
-    """The quickstart's settings (the defaults take a few minutes on 2 cores)."""
+    """The quickstart's settings (the defaults take about 18 minutes on 2 cores, most of it GCP's search)."""
 
     out: Path = Path("hwprune-quickstart")
     target: float = 0.5  # fraction of the base model's measured latency

@@ -1,4 +1,4 @@
-"""``hwprune quickstart``: the whole pipeline on this machine, offline, in a few minutes.
+"""``hwprune quickstart``: the whole pipeline on this machine, offline.
 
 A thin layer over :func:`hwprune.pipeline.run_quickstart`: profile this CPU, validate the
 predictor, evaluate the shipped cifar_resnet20, prune it with GCP-lambda to a fraction of its
@@ -48,7 +48,7 @@ def quickstart(
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON on stdout."),
 ) -> None:
     """Profile this CPU, fit and validate the predictor, prune the shipped ResNet-20 to half its
-    measured latency with GCP-lambda, verify it, and write a report. Offline; a few minutes on 2 cores."""
+    measured latency with GCP-lambda, verify it, and write a report. Offline; about 18 minutes on 2 cores."""
     cfg = QuickstartConfig(out=out, target=target, configs=configs, samples=samples, finetune_epochs=finetune_epochs,
                            gcp_iters=gcp_iters, gcp_steps=gcp_steps, threads=threads, gate_budget_s=gate_budget,
                            data=data, quick=quick, force=force)
