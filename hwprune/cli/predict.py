@@ -169,6 +169,10 @@ def _validation(table: Path, model: Optional[str], measured: Optional[Path], pre
         return run_validate(t, names, progress=update, predictor=pred, **options)
 
 
+def _shares(c: dict) -> str:
+    return f"{100 * c['within_5pct']:.1f}% within ±5%, {100 * c['within_10pct']:.1f}% within ±10%"
+
+
 def _print_validation(res, png: Path) -> None:
     console.print(f"n={res.n}: {100 * res.within_5pct:.1f}% within ±5%, {100 * res.within_10pct:.1f}% within ±10%, "
                   f"RMSPE {100 * res.rmspe:.2f}%, Spearman {res.spearman:.3f}; plot {png}")
@@ -177,25 +181,22 @@ def _print_validation(res, png: Path) -> None:
                       f"{d['table_reference_ms']:.3f} ms when profiled (x{d['factor']:.3f})")
     if res.drift_corrected:
         c = res.drift_corrected
-        console.print(f"with predictions scaled by the drift: {100 * c['within_5pct']:.1f}% within ±5%, "
-                      f"{100 * c['within_10pct']:.1f}% within ±10%")
+        console.print(f"with predictions scaled by the drift: {_shares(c)}")
     if res.relative:
         c = res.relative
-        console.print(f"relative to the unpruned model, timed in the same window: {100 * c['within_5pct']:.1f}% "
-                      f"within ±5%, {100 * c['within_10pct']:.1f}% within ±10%, RMSPE {100 * c['rmspe']:.2f}%")
+        console.print(f"relative to the unpruned model, timed in the same window: "
+                      f"{_shares(c)}, RMSPE {100 * c['rmspe']:.2f}%")
     if res.repeatability:
         r = res.repeatability
         console.print(f"measured against measured (one session vs the median of the others): "
-                      f"{100 * r['within_5pct']:.1f}% within ±5%, {100 * r['within_10pct']:.1f}% within ±10% "
-                      f"(the ceiling these measurements allow)")
+                      f"{_shares(r)} (the ceiling these measurements allow)")
         rr = res.relative.get("repeatability")
         if rr:
-            console.print(f"the same for the paired ratios: {100 * rr['within_5pct']:.1f}% within ±5%, "
-                          f"{100 * rr['within_10pct']:.1f}% within ±10%")
+            console.print(f"the same for the paired ratios: {_shares(rr)}")
     if res.normalised:
         c = res.normalised
-        console.print(f"against the measurements normalised to the table's host state: {100 * c['within_5pct']:.1f}% "
-                      f"within ±5%, {100 * c['within_10pct']:.1f}% within ±10%, RMSPE {100 * c['rmspe']:.2f}%")
+        console.print(f"against the measurements normalised to the table's host state: "
+                      f"{_shares(c)}, RMSPE {100 * c['rmspe']:.2f}%")
     _print_ceiling(res.ceiling)
 
 

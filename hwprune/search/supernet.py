@@ -43,7 +43,7 @@ from hwprune.search.elastic import MODES, ActiveWidths, check_sliceable, check_s
 from hwprune.search.grid import DEFAULT_FRACTIONS, WidthGrid
 from hwprune.search.prior import SamplingPrior
 from hwprune.search.reorder import apply_order, check_same_function, importance_order
-from hwprune.training.checkpoint import Checkpoint, atomic_torch_save, safe_torch_load
+from hwprune.training.checkpoint import Checkpoint, atomic_torch_save, load_format
 
 FORMAT = "hwprune.supernet/1"
 BN_BATCHES = 20  # batches of ~128 images that recompute a subnet's BN statistics
@@ -288,11 +288,7 @@ class Supernet(nn.Module):
     def load(cls, path: str | Path, checkpoint: Checkpoint | str | Path | None = None,
              mode: str | None = None) -> "Supernet":
         """Read a supernet; with ``checkpoint``, check it was built from that base model."""
-        raw = safe_torch_load(path, "supernet")
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise HwpruneError(f"{path} is not an hwprune supernet (format {found!r}, expected {FORMAT!r})",
-                               hint="create one with `hwprune supernet train`")
+        raw = load_format(path, FORMAT, "supernet", "create one with `hwprune supernet train`")
         try:
             ck = Checkpoint(arch=str(raw["arch"]), state_dict=dict(raw["state_dict"]),
                             num_classes=int(raw["num_classes"]), input_size=tuple(raw["input_size"]),

@@ -73,11 +73,7 @@ class Checkpoint:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Checkpoint":
         """Read a checkpoint written by :meth:`save`; unreadable or foreign files raise :class:`HwpruneError`."""
-        raw = safe_torch_load(path, "checkpoint")
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise HwpruneError(f"{path} is not an hwprune checkpoint (format {found!r}, expected {FORMAT!r})",
-                               hint="create checkpoints with `hwprune train`")
+        raw = load_format(path, FORMAT, "checkpoint", "create checkpoints with `hwprune train`")
         try:
             state = raw["state_dict"]
             ck = cls(arch=str(raw["arch"]), state_dict=dict(state), num_classes=int(raw["num_classes"]),
@@ -111,6 +107,15 @@ class Checkpoint:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the target folder, then rename it over ``path``."""
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_format(path: str | os.PathLike, fmt: str, what: str, hint: str) -> dict:
+    """A file of ``safe_torch_load`` whose ``format`` field is ``fmt``; anything else is a one-line error."""
+    raw = safe_torch_load(path, what)
+    if not isinstance(raw, dict) or raw.get("format") != fmt:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise HwpruneError(f"{path} is not an hwprune {what} (format {found!r}, expected {fmt!r})", hint=hint)
+    return raw
 
 
 def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
