@@ -171,14 +171,15 @@ def test_validate_accepts_the_calibrated_predictor(calibrated_files, monkeypatch
     import hwprune.prediction.validate as hv
 
     out, doc = calibrated_files
-    real = hv.create_backend
+    real, made = hv.backend_from_settings, []
 
     def create(*a, **k):
         be = script_e2e(real(*a, **k), lambda art: 1.0)
         be.needs_onnx = lambda: False
+        made.append(be)
         return be
 
-    monkeypatch.setattr(hv, "create_backend", create)
+    monkeypatch.setattr(hv, "backend_from_settings", create)
     r = run_cli_here("validate", "--table", doc["table"], "--predictor", str(out), "--model", MODEL, "--samples",
                      "2", "--rounds", "1", "--plot", str(tmp_path / "v.png"), "--json")
     assert r.returncode == 0, r.stderr
@@ -187,6 +188,29 @@ def test_validate_accepts_the_calibrated_predictor(calibrated_files, monkeypatch
     got = [s["predicted_ms"] for s in v["samples"]]
     assert got == pytest.approx(list(pred.predict(MODEL, [s["widths"] for s in v["samples"]])))
     assert v["settings"]["threads"] == 1 and [s["measured_ms"] for s in v["samples"]] == [1.0, 1.0]
+    assert made and made[0].settings()["graph_optimization"] == LatencyTable.load(doc["table"]).settings["graph_optimization"]
+
+
+ORT_DISABLED = {"backend": "onnxruntime", "backend_version": "1", "execution_provider": "CPUExecutionProvider",
+                "device": "cpu", "threads": 1, "precision": "fp32", "inter_op_threads": 1,
+                "graph_optimization": "disabled", "spinning": False, "batch": 1}
+
+
+def test_recorded_settings_rebuild_the_backend_that_recorded_them():
+    """A calibration to ONNX Runtime without graph optimisations is validated, checked and
+    metered without them: the backend's own options travel with the settings."""
+    from hwprune.bench.harness import GatedMeter
+    from hwprune.models import create_model
+    from hwprune.profiling.backends import backend_from_settings, backend_options
+    from hwprune.pruning.target import DeviceOptions, _meter
+
+    assert backend_options(ORT_DISABLED) == {"threads": 1, "device": "cpu", "precision": "fp32",
+                                             "graph_optimization": "disabled", "spinning": False}
+    be = backend_from_settings(ORT_DISABLED)
+    assert be.settings()["graph_optimization"] == "disabled" and be.settings()["spinning"] is False
+    meter = _meter(ORT_DISABLED, create_model(MODEL).module, (3, 32, 32), DeviceOptions(quick=True))
+    assert isinstance(meter, GatedMeter) and meter.be.settings()["graph_optimization"] == "disabled"
+    assert meter.be.threads == 1
 
 
 def test_prune_accepts_the_calibrated_predictor(calibrated_files, tmp_path):

@@ -163,6 +163,12 @@ def test_the_profile_chooses_its_estimator_on_the_reference_and_records_it(tmp_p
     assert r.returncode == 0 and "min-round" in r.stderr and "reference moved" in r.stderr  # rich prints to stderr
     doc = json.loads(run_cli_here("table", "info", str(tmp_path / "e.parquet"), "--json").stdout)
     assert doc["noise"]["estimator"]["name"] == "min-round" and "ci_rel" in doc["noise"]
+    from hwprune.cli.bench import _estimator  # `hwprune bench --table` summarises its rounds the same way
+
+    assert _estimator(None, tmp_path / "e.parquet") == "min-round" and _estimator("p10", tmp_path / "e.parquet") == "p10"
+    assert _estimator(None, None) is None
+    with pytest.raises(HwpruneError, match="unknown estimator 'mode'"):
+        _estimator("mode", None)
 
 
 def _golden(k: int, spread: float) -> float:
@@ -292,7 +298,7 @@ def _scripted_validation(monkeypatch, factor):
     """Validation timings on the scripted device of conftest.params_ms, every session (and the reference
     probes around it) ``factor(session)`` times slower than the quiet host."""
     import hwprune.prediction.validate as hv
-    from hwprune.profiling.backends import create_backend as real_create
+    from hwprune.profiling.backends import backend_from_settings as real_create
 
     state = {"sessions": 0, "after": False}  # a probe right after a session belongs to it
 
@@ -311,7 +317,7 @@ def _scripted_validation(monkeypatch, factor):
         be.needs_onnx = lambda: False
         return be
 
-    monkeypatch.setattr(hv, "create_backend", create)
+    monkeypatch.setattr(hv, "backend_from_settings", create)
     return hv
 
 
@@ -368,7 +374,7 @@ def test_table_check_compares_the_fast_state_and_says_when_the_host_is_too_noisy
     one): the fast state matches the table. Sessions at 1.30x, 1.90x and 1.32x do not, and spread by
     46%: the check says the host is too noisy to tell instead of rejecting the table outright."""
     import hwprune.profiling.table_check as tc
-    from hwprune.profiling.backends import create_backend as real_create
+    from hwprune.profiling.backends import backend_from_settings as real_create
 
     ref = float(quiet.e2e.set_index("config").loc["full", "median_ms"])
     factors = iter([1.0, 1.5, 1.02, 1.3, 1.9, 1.32])
@@ -378,7 +384,7 @@ def test_table_check_compares_the_fast_state_and_says_when_the_host_is_too_noisy
         be.measure_e2e = lambda art: measured(ref * next(factors))
         return be
 
-    monkeypatch.setattr(tc, "create_backend", create)
+    monkeypatch.setattr(tc, "backend_from_settings", create)
     ok = tc.check_host(quiet, sessions=3)
     assert ok.matches and ok.noisy  # the slow middle session spreads them; the fast state still matches
     assert ok.models[0].factor == pytest.approx(1.01) and "matches" in ok.verdict()

@@ -213,9 +213,9 @@ def test_cli_widths_predict_validate(table_path, tmp_path):
 def _script_validation_timings(monkeypatch, timing):
     """Make validation's backend time every model at ``timing(artifact)`` ms (nothing runs)."""
     import hwprune.prediction.validate as hv
-    from hwprune.profiling.backends import create_backend as real_create
+    from hwprune.profiling.backends import backend_from_settings as real_create
 
-    monkeypatch.setattr(hv, "create_backend", lambda *a, **k: script_e2e(real_create(*a, **k), timing))
+    monkeypatch.setattr(hv, "backend_from_settings", lambda *a, **k: script_e2e(real_create(*a, **k), timing))
     return hv
 
 
@@ -285,7 +285,7 @@ def test_paired_validation_predicts_latency_relative_to_the_unpruned_model(table
     from hwprune.profiling.measure import MeasureConfig
 
     import hwprune.prediction.validate as hv
-    from hwprune.profiling.backends import create_backend as real_create
+    from hwprune.profiling.backends import backend_from_settings as real_create
 
     pairs = []
 
@@ -300,7 +300,7 @@ def test_paired_validation_predicts_latency_relative_to_the_unpruned_model(table
         be.measure_pair = checked
         return be
 
-    monkeypatch.setattr(hv, "create_backend", create)
+    monkeypatch.setattr(hv, "backend_from_settings", create)
     res = hv.validate(table, ["cifar_resnet20"], 2, rounds=2, paired=True, measure=MeasureConfig.quick(),
                       predictor=predictor)
     assert len(pairs) == 4
@@ -458,7 +458,7 @@ def test_layers_below_the_tables_range_are_predicted_smaller(table, space):
 def _scripted_host(monkeypatch, table, factor):
     """hostcheck's backend times every unpruned model at ``factor`` x the table's time of it."""
     import hwprune.profiling.table_check as hc
-    from hwprune.profiling.backends import create_backend as real_create
+    from hwprune.profiling.backends import backend_from_settings as real_create
 
     times = []
 
@@ -467,7 +467,7 @@ def _scripted_host(monkeypatch, table, factor):
         times.append(factor * hc.table_reference_ms(table, art.name.split("/")[0]))
         return times[-1]
 
-    monkeypatch.setattr(hc, "create_backend", lambda *a, **k: script_e2e(real_create(*a, **k), timing))
+    monkeypatch.setattr(hc, "backend_from_settings", lambda *a, **k: script_e2e(real_create(*a, **k), timing))
     return hc, times
 
 

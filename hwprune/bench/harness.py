@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -295,13 +295,14 @@ class GatedMeter:
 
     def __init__(self, reference, backend: str = "onnxruntime", batch: int = 1, threads: int | None = None,
                  device: str = "cpu", measure: MeasureConfig | None = None, gate: float = 1.05, need: int = 3,
-                 max_rounds: int = 30, min_rounds: int = 4, patience_s: float = 0.0, estimator: str | None = None):
+                 max_rounds: int = 30, min_rounds: int = 4, patience_s: float = 0.0, estimator: str | None = None,
+                 options: Mapping | None = None):
         from hwprune.profiling.onnx_export import export_onnx
 
         cfg = measure or MeasureConfig(warmup_s=0.1, min_time_s=0.3, retries=0)
         cfg = with_estimator(cfg, estimator) if estimator else cfg
         self.estimator = cfg.estimator
-        self.be = create_backend(backend, threads=threads, device=device, measure=cfg)
+        self.be = create_backend(backend, **{"threads": threads, "device": device, **(options or {}), "measure": cfg})
         self.batch, self.gate, self.need, self.max_rounds = batch, gate, need, max_rounds
         self.min_rounds = min(min_rounds, max_rounds)
         self.patience_s = max(0.0, float(patience_s))

@@ -44,6 +44,9 @@ def bench(
         None, "--min-time", min=0.01,
         help="Seconds timed per model and round (default 1.0). Many short rounds (e.g. --rounds 15 --min-time 0.3) "
              "make the fastest-round estimator steady on a shared host."),
+    estimator: Optional[str] = typer.Option(
+        None, "--estimator", help="median | p10 | min-round: the number that summarises each round "
+                                  "(default: the --table's, else the median)."),
 ) -> None:
     """Measure end-to-end latency and throughput of models, interleaved, in fresh sessions."""
     from hwprune.atomic import atomic_write_text
@@ -57,7 +60,8 @@ def bench(
     models, fitted = _models_and_predictor(model, widths_file, checkpoint, onnx, input_size, table, predictor, json_out)
     with item_progress(f"bench on {backend}") as update:
         doc = run_bench(models, backend, batches, threads=threads, device=device, rounds=rounds,
-                        measure=measure, predictor=fitted, progress=update)
+                        measure=measure, predictor=fitted, progress=update,
+                        estimator=_estimator(estimator, table))
     doc.update(speedups=speedups(doc, pairs), command=command_line())
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(doc, indent=1, default=str) + "\n")
@@ -75,6 +79,16 @@ def _measure_config(quick: bool, min_time: float | None):
     if min_time is not None:
         return MeasureConfig(warmup_s=min(0.2, min_time / 2), min_time_s=min_time)
     return MeasureConfig.quick() if quick else None
+
+
+def _estimator(name: str | None, table: Path | None) -> str | None:
+    """The estimator asked for, else the one the table was profiled with (one-line error for an unknown name)."""
+    from hwprune.profiling.measure import ESTIMATORS
+    from hwprune.profiling.table import table_estimator
+
+    if name is not None:
+        ESTIMATORS.get(name)
+    return name or table_estimator(table)
 
 
 def _pairs(compare: list[str]) -> list[tuple[str, str]]:

@@ -36,7 +36,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from hwprune.profiling.backends import ModelArtifact, create_backend
+from hwprune.profiling.backends import ModelArtifact, backend_from_settings
 from hwprune.errors import HwpruneError, TableMismatch
 from hwprune.profiling.onnx_export import export_onnx
 from hwprune.profiling.fingerprint import fingerprint
@@ -200,8 +200,7 @@ def validate(table: LatencyTable, models: Sequence[str], samples: int, seed: int
     """
     pred = _checked_predictor(table, models, predictor, gate, paired, claim)
     s = table.settings
-    backend = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu",
-                             measure=measure or table_measure_config(table))
+    backend = backend_from_settings(s, measure or table_measure_config(table))
     spaces = {m: PruningSpace.from_name(m, input_size=s.get("input_size")) for m in models}
     plan = _plan(models, spaces, samples, seed)
     # Predict everything first, then let any worker threads of the fit go idle: nothing

@@ -78,6 +78,13 @@ def _spread(values) -> dict | None:
     return {"median": float(v.median()), "p90": float(v.quantile(0.9)), "max": float(v.max())}
 
 
+def table_estimator(path: str | Path | None) -> str | None:
+    """The estimator the table at ``path`` was profiled with, which every later measurement
+    compared with it should use (None: no table, or one profiled before tables recorded it)."""
+    meta = LatencyTable.read_meta(path) if path is not None else None
+    return ((meta.noise or {}).get("estimator") or {}).get("name") if meta is not None else None
+
+
 def command_line() -> str:
     """The command that is running, with the program's directory left out."""
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hwprune.profiling.backends import create_backend
+from hwprune.profiling.backends import backend_from_settings
 from hwprune.errors import HwpruneError
 from hwprune.profiling.fingerprint import fingerprint
 from hwprune.profiling.host_state import HostProbe
@@ -118,8 +118,7 @@ def check_host(table: LatencyTable, models: Sequence[str] | None = None, session
         raise HwpruneError(f"the table has no model {unknown[0]!r}", f"it holds {', '.join(table.meta.models)}")
     refs = {m: table_reference_ms(table, m) for m in models}
     mismatch = table.mismatch({}, fingerprint())
-    backend = create_backend(s["backend"], threads=s.get("threads"), device=s.get("device") or "cpu",
-                             measure=measure or table_measure_config(table))
+    backend = backend_from_settings(s, measure or table_measure_config(table))
     batch = int(s.get("batch") or 1)
     times: dict[str, list[float]] = {m: [] for m in models}
     import torch

@@ -115,8 +115,10 @@ def prune_to_target(checkpoint: Checkpoint | str | Path, method: str, objective:
         raise HwpruneError("--round-hw needs the device's latency table", "pass --table")
     if pruner.needs_data and data is None:
         raise HwpruneError(f"the {method} method trains on data: it needs --data")
+    from hwprune.profiling.table import table_estimator
+
     t0 = time.perf_counter()
-    meter = (_meter(pred.settings_, job.model, tuple(job.space.input_shape[1:]), device, _table_estimator(table))
+    meter = (_meter(pred.settings_, job.model, tuple(job.space.input_shape[1:]), device, table_estimator(table))
              if meet else None)
     try:
         out, correction, calibration, base_ms = _prune_and_correct(job, pruner, target, meet, meter)
@@ -275,28 +277,19 @@ def _final_measure(meter, model: nn.Module) -> dict:
             "measured_estimator": ESTIMATOR.format(estimator=g.estimator)}
 
 
-def _table_estimator(table: str | Path | None) -> str | None:
-    """The estimator an anchored table was profiled with (None: the meter's default, the median)."""
-    if table is None:
-        return None
-    from hwprune.profiling.table import LatencyTable
-
-    meta = LatencyTable.read_meta(table)
-    return ((meta.noise or {}).get("estimator") or {}).get("name") if meta is not None else None
-
-
 def _meter(settings: dict, base: nn.Module, chw: tuple, device: DeviceOptions, estimator: str | None = None):
     """A :class:`hwprune.bench.harness.GatedMeter` on the table's backend and settings, the unpruned model as
     reference, every round summarised with ``estimator`` (the table's)."""
     from dataclasses import replace
 
     from hwprune.bench.harness import BenchModel, GatedMeter
+    from hwprune.profiling.backends import backend_options
     from hwprune.profiling.measure import MeasureConfig
 
     return GatedMeter(BenchModel("base", module=base, input_size=chw), settings["backend"],
-                      int(settings.get("batch") or 1), threads=settings.get("threads"),
-                      device=settings.get("device") or "cpu", patience_s=device.patience_s,
-                      measure=replace(MeasureConfig.quick(), retries=0) if device.quick else None, estimator=estimator)
+                      int(settings.get("batch") or 1), patience_s=device.patience_s,
+                      measure=replace(MeasureConfig.quick(), retries=0) if device.quick else None, estimator=estimator,
+                      options=backend_options(settings))
 
 
 def _finetuned(ck, job, model, widths, meta, data, ft: Finetune, path, quiet) -> Checkpoint:

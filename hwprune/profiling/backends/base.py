@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from hwprune.errors import BackendUnavailable
 from hwprune.profiling.measure import MeasureConfig, Measurement, Stats
@@ -159,3 +159,20 @@ def get_backend_class(name: str) -> type[Backend]:
 
 def create_backend(name: str, **kwargs) -> Backend:
     return get_backend_class(name)(**kwargs)
+
+
+def backend_options(settings: Mapping) -> dict:
+    """The constructor arguments of ``settings['backend']`` that ``settings`` (a table's or a
+    predictor's, as :meth:`Backend.settings` recorded them) holds: threads, device, precision and
+    the backend's own options (ONNX Runtime's graph optimisation level, say)."""
+    import inspect
+
+    params = inspect.signature(get_backend_class(settings["backend"]).__init__).parameters
+    out = {k: settings[k] for k in params if k not in ("self", "measure") and settings.get(k) is not None}
+    out.setdefault("device", "cpu")
+    return out
+
+
+def backend_from_settings(settings: Mapping, measure: MeasureConfig | None = None) -> Backend:
+    """A backend that measures as the one that recorded ``settings`` did."""
+    return create_backend(settings["backend"], measure=measure, **backend_options(settings))
