@@ -19,6 +19,7 @@ read is newer than what they wrote).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +42,20 @@ NOISY_CEILING = 0.9
 
 @dataclass
 class QuickstartConfig:
-    """The quickstart's settings (the defaults take about 18 minutes on 2 cores, most of it GCP's search)."""
+    """The quickstart's settings. The pruning recipe (GCP's lambda and learning rate, the fine-tuning)
+    was chosen on held-out training images of the sample: ``benchmarks/quickstart_recipe.py``."""
 
     out: Path = Path("hwprune-quickstart")
-    target: float = 0.5  # fraction of the base model's measured latency
+    target: float = 0.6  # fraction of the base model's measured latency
     configs: int = 40  # width configurations profiled
     samples: int = 20  # configurations measured to validate the predictor
-    finetune_epochs: int = 3
+    finetune_epochs: int = 20
+    finetune_lr: float = 0.03
+    distill: bool = True  # fine-tune against the base model's outputs (knowledge distillation)
     gcp_iters: int = 30  # GCP iterations per regularise/recover phase
     gcp_steps: int = 4  # GCP rounds
+    gcp_lam_factor: float = 0.3  # GCP's lambda in units of lambda_0 (hwprune.pruning.gcp)
+    gcp_lr: float = 0.01
     threads: int = 1
     gate_budget_s: float = 90.0
     data: Path = SAMPLE
@@ -204,13 +210,16 @@ def _prune(run: _Run) -> None:
             p.base, "gcp", "latency", cfg.target, predictor=predictor_for(p.table, None), table=p.table,
             data=cfg.data, device=DeviceOptions(measure=True, patience_s=0.0 if cfg.quick else PATIENCE_S,
                                                 quick=cfg.quick),
-            finetune=Finetune(cfg.finetune_epochs, 0.01, 128, None),
-            options={"steps": cfg.gcp_steps, "iters": cfg.gcp_iters}, finetune_path=p.pruned, quiet=False)
+            finetune=Finetune(cfg.finetune_epochs, cfg.finetune_lr, 128, str(p.base) if cfg.distill else None,
+                              threads=os.cpu_count()),
+            options={"steps": cfg.gcp_steps, "iters": cfg.gcp_iters, "lam_factor": cfg.gcp_lam_factor,
+                     "lr": cfg.gcp_lr}, finetune_path=p.pruned, quiet=False)
         res.save(p.pruned)
         width_chart({"gcp-latency": _kept(res)}, cfg.out / "widths.png", title=f"{MODEL}: kept channels per group")
 
     run.step("prune", cfg.force or not p.pruned.exists(),
-             f"GCP-lambda to {cfg.target:g} of the measured latency, fine-tuned {cfg.finetune_epochs} epochs", go)
+             f"GCP-lambda to {cfg.target:g} of the measured latency, fine-tuned {cfg.finetune_epochs} epochs"
+             + (" distilled from the base" if cfg.distill else ""), go)
 
 
 def _kept(res) -> dict:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from hwprune.errors import HwpruneError
 from hwprune.pruning.objectives import FlopsCost, ParamsCost, _Base
 from hwprune.pruning.gcp import GCPConfig, _Masks, _phase, _trainables, gcp
 from hwprune.pruning.space import PruningSpace
@@ -480,3 +481,22 @@ def test_device_correction_without_prior_ranks_by_the_scores():
         assert not back or not still or min(s[list(back)]) >= max(s[list(still)]), g.id
         gained += len(back)
     assert gained
+
+
+def test_gcp_options_fix_lambda_and_lr_or_are_refused_in_one_line():
+    """``-o lam_factor=0.3 -o lr=0.01`` runs one candidate (no held-out search); bad values are one-line errors."""
+    from hwprune.pruning.methods import PruneJob, _gcp_config, get_method
+
+    space = make_space()
+    job = PruneJob(checkpoint=None, model=space.model, space=space, cost=ParamsCost(space), data=None,
+                   options={"lam_factor": 0.3, "lr": 0.01, "iters": 5, "steps": 3})
+    cfg = _gcp_config(0.6, job)
+    assert (cfg.lam_factors, cfg.lr, cfg.iters_per_phase, cfg.steps, cfg.target) == ((0.3,), 0.01, 5, 3, 0.6)
+    from hwprune.pruning.gcp import _candidates
+
+    assert len(_candidates(space, ParamsCost(space), cfg, 5)) == 1  # nothing left to choose
+    default = _gcp_config(0.6, PruneJob(checkpoint=None, model=space.model, space=space, cost=ParamsCost(space)))
+    assert default.lam_factors == GCPConfig().lam_factors and default.lr is None
+    for bad in ({"lr": -1}, {"lam_factor": "big"}, {"steps": 0}, {"iters": True}):
+        with pytest.raises(HwpruneError, match="must be a positive number"):
+            get_method("gcp").validate(bad)

@@ -110,25 +110,33 @@ class GroupNorm(_Baseline):
     method = "groupnorm"
 
 
-@METHODS.register("gcp", "Global Channel Pruning (PruneNet): cost-weighted L1 on shared BN masks, T rounds")
+@METHODS.register("gcp", "Global Channel Pruning (PruneNet): cost-weighted L1 on shared BN masks, T rounds "
+                         "(-o steps, iters, recover, lam_factor, lr, search_iters)")
 class GCP:
     needs_data: ClassVar[bool] = True
+
+    #: the ``--option`` settings GCP reads, all positive numbers: ``lam_factor`` and ``lr`` fix lambda (in
+    #: units of lambda_0) and the learning rate instead of choosing them on the held-out split
+    NUMBERS: ClassVar[tuple[str, ...]] = ("steps", "iters", "lam_factor", "lr", "search_iters")
 
     def validate(self, options: dict[str, Any]) -> None:
         if options.get("recover", "all") not in ("all", "paper"):
             raise HwpruneError(f"unknown --recover '{options['recover']}'", "choose all or paper")
+        for k in self.NUMBERS:
+            v = options.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise HwpruneError(f"GCP option {k} must be a positive number, got {v!r}")
 
     def __call__(self, job: PruneJob, goal: float) -> MethodOutput:
-        from hwprune.pruning.gcp import GCPConfig, gcp, materialize
+        from hwprune.pruning.gcp import gcp, materialize
 
         if job.data is None:
             raise HwpruneError("GCP trains masks and BN shifts: it needs --data")
-        train_batches, held_batches = _gcp_loaders(job)
-        opts = job.options
         from hwprune.progress import item_progress
 
-        cfg = GCPConfig(target=goal, steps=opts.get("steps", 4), iters_per_phase=opts.get("iters"),
-                        min_keep=job.min_keep, recover=opts.get("recover", "all"))
+        train_batches, held_batches = _gcp_loaders(job)
+
+        cfg = _gcp_config(goal, job)
         with item_progress("GCP", enabled=not job.quiet) as update:
             _, r = gcp(job.model, job.space, job.cost, train_batches, held_batches, cfg, progress=update)
         info = {"gcp_lambda": r.lam, "gcp_lambda_factor": r.lam_factor, "gcp_lr": r.lr, "gcp_steps": cfg.steps,
@@ -136,6 +144,19 @@ class GCP:
                 "gcp_seconds": r.seconds, "gcp_widths": dict(r.widths.widths)}
         return MethodOutput(r.widths, r.keep, r.scores, lambda w, k: materialize(job.space, r, w, k), "bn", info,
                             prior=r.prior)
+
+
+def _gcp_config(goal: float, job: PruneJob):
+    """The GCP settings of ``job``'s options (see :attr:`GCP.NUMBERS`)."""
+    from hwprune.pruning.gcp import GCPConfig
+
+    o = job.options
+    fixed = {"lam_factors": (float(o["lam_factor"]),) if o.get("lam_factor") else None,
+             "lr": float(o["lr"]) if o.get("lr") else None,
+             "search_iters": int(o["search_iters"]) if o.get("search_iters") else None,
+             "iters_per_phase": int(o["iters"]) if o.get("iters") else None}
+    return GCPConfig(target=goal, steps=int(o.get("steps", 4)), min_keep=job.min_keep, recover=o.get("recover", "all"),
+                     **{k: v for k, v in fixed.items() if v is not None})
 
 
 def _gcp_loaders(job: PruneJob):

@@ -46,6 +46,7 @@ class Finetune:
     lr: float | None = None
     batch_size: int = 128
     teacher: str | None = None  # a checkpoint to distill from (e.g. the base)
+    threads: int | None = None  # torch threads while fine-tuning (None: as set)
 
 
 @dataclass
@@ -324,8 +325,14 @@ def _train(new: Checkpoint, splits, ft: Finetune, path: Path, quiet: bool) -> Ch
     start = path.with_name(path.stem + ".pre-finetune.pt")
     if not start.exists():
         new.save(start)
-    cfg = TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, teacher=ft.teacher)
-    result = train(Checkpoint.load(start), splits, cfg, path, progress=not quiet)
+    cfg = TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, teacher=ft.teacher, threads=ft.threads)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        result = train(Checkpoint.load(start), splits, cfg, path, progress=not quiet)
+    finally:
+        torch.set_num_threads(threads)  # the measurements that follow run as before
     tuned = Checkpoint.load(result.checkpoint)
     start.unlink(missing_ok=True)
     result.state_path.unlink(missing_ok=True)  # finished: the resumable state is no longer needed
