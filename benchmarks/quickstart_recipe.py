@@ -4,6 +4,9 @@ Run from the repository root with nothing else using the CPU:
 
     python benchmarks/quickstart_recipe.py [--target 0.6] [--table TABLE]
 
+For a table like the one the quickstart profiles (1 thread, 40 configurations, no isolated unit
+benchmarks): ``hwprune profile --model cifar_resnet20 --threads 1 --configs 40 --micro 0 --out T``.
+
 The quickstart prunes the shipped cifar_resnet20 with GCP on the shipped CIFAR-10 sample (5,000
 training and 2,000 test images) and fine-tunes it on the same sample. Its recipe (GCP's lambda and
 learning rate, the fine-tuning epochs, learning rate and distillation) is chosen here without the
@@ -43,6 +46,7 @@ GCP_SETTINGS = {  # label: GCP options (the quickstart's 4 rounds of 30 iteratio
     "lam1-paper": {"lam_factor": 1.0, "lr": 0.01, "recover": "paper"},
     "l1": {"method": "l1"},  # references: the same fine-tuning after a method that does not train
     "uniform": {"method": "uniform"},
+    "inner-half": {"method": "inner-half"},  # every inner convolution halved, residual streams whole, L1-kept
 }
 FINETUNES = {  # label: (epochs, peak lr, distil from the base)
     "ce-3ep": (3, 0.01, False),
@@ -54,6 +58,8 @@ FINETUNES = {  # label: (epochs, peak lr, distil from the base)
     "kd-20ep-lr0.1": (20, 0.1, True),
     "kd-30ep-lr0.05": (30, 0.05, True),
     "kd-8ep-lr0.05": (8, 0.05, True),
+    "kd-12ep-lr0.05": (12, 0.05, True),
+    "kd-5ep-lr0.05": (5, 0.05, True),
 }
 
 
@@ -98,13 +104,40 @@ def tuning_split(sample: Path, cifar: Path, out: Path, per_class: int = 200, tra
     return out
 
 
+def inner_half(base: Path, data: Path, table: Path, out: Path) -> dict:
+    """The hand-set reference: every inner convolution of each block halved, the residual streams
+    whole, the L1-largest channels kept; not fine-tuned; its checkpoint at ``out``."""
+    from hwprune.models._registry import ModelSpec
+    from hwprune.prediction.artifact import predictor_for
+    from hwprune.pruning.importance import channel_importance, keep_indices
+    from hwprune.pruning.space import PruningSpace, WidthConfig
+    from hwprune.training.checkpoint import Checkpoint
+    from hwprune.training.train import evaluate_checkpoint
+
+    ck = Checkpoint.load(base)
+    spec = ck.build_model()
+    space = PruningSpace(spec.module, (1, *spec.input_size), name=spec.name)
+    full = {g.id: g.channels for g in space.groups}
+    widths = WidthConfig(spec.name, {g: c // 2 if g.endswith(".conv1") else c for g, c in full.items()})
+    keep = keep_indices(channel_importance(space, criterion="l1"), widths, space)
+    small = ModelSpec(spec.name, space.apply(widths, keep=keep), spec.input_size, spec.num_classes)
+    Checkpoint.from_model(small, widths=dict(widths.widths), meta=dict(ck.meta)).save(out)
+    pred = predictor_for(table)
+    p, p0 = pred.predict(spec.name, [widths, WidthConfig(spec.name, full)])
+    return {"gcp": {"method": "inner-half"}, "cost_fraction": float(p / p0), "predicted_ms": float(p),
+            "base_predicted_ms": float(p0), "held_top1_before_finetune": evaluate_checkpoint(out, data)["top1"],
+            "widths": dict(widths.widths), "prune_seconds": 0.0}
+
+
 def pruned(base: Path, data: Path, table: Path, target: float, options: dict, out: Path) -> dict:
     """GCP to ``target`` of the predicted latency, not fine-tuned; its checkpoint at ``out``."""
     from hwprune.prediction.artifact import predictor_for
     from hwprune.pruning.target import DeviceOptions, prune_to_target
 
-    t0 = time.perf_counter()
     method = options.get("method", "gcp")
+    if method == "inner-half":
+        return inner_half(base, data, table, out)
+    t0 = time.perf_counter()
     opts = {"steps": 4, "iters": 30, **options} if method == "gcp" else {}
     res = prune_to_target(base, method, "latency", target, predictor=predictor_for(table), table=table, data=data,
                           device=DeviceOptions(measure=False), options=opts, quiet=True)

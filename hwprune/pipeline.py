@@ -11,7 +11,7 @@ user's own model:
 6. report    - the HTML and Markdown report.
 
 Everything it needs ships with the package (``hwprune/assets``): a cifar_resnet20 checkpoint and
-a 5,000 + 2,000 image sample of CIFAR-10. Re-running into the same directory continues: the table
+a 20,000 + 2,000 image sample of CIFAR-10. Re-running into the same directory continues: the table
 resumes, and a finished step is redone only with ``force`` (bench and report also when what they
 read is newer than what they wrote).
 """
@@ -46,11 +46,11 @@ class QuickstartConfig:
     was chosen on held-out training images of the sample: ``benchmarks/quickstart_recipe.py``."""
 
     out: Path = Path("hwprune-quickstart")
-    target: float = 0.6  # fraction of the base model's measured latency
+    target: float = 0.65  # fraction of the base model's measured latency
     configs: int = 40  # width configurations profiled
     samples: int = 20  # configurations measured to validate the predictor
-    finetune_epochs: int = 20
-    finetune_lr: float = 0.03
+    finetune_epochs: int = 5
+    finetune_lr: float = 0.05
     distill: bool = True  # fine-tune against the base model's outputs (knowledge distillation)
     gcp_iters: int = 30  # GCP iterations per regularise/recover phase
     gcp_steps: int = 4  # GCP rounds

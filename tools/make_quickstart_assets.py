@@ -44,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-jpg")
-    ap.add_argument("--train-per-class", type=int, default=500)
+    ap.add_argument("--train-per-class", type=int, default=2000)
     ap.add_argument("--test-per-class", type=int, default=200)
     a = ap.parse_args()
 
