@@ -7,7 +7,7 @@ Run from the repository root with nothing else using the CPU:
 For a table like the one the quickstart profiles (1 thread, 40 configurations, no isolated unit
 benchmarks): ``hwprune profile --model cifar_resnet20 --threads 1 --configs 40 --micro 0 --out T``.
 
-The quickstart prunes the shipped cifar_resnet20 with GCP on the shipped CIFAR-10 sample (5,000
+The quickstart prunes the shipped cifar_resnet20 with GCP on the shipped CIFAR-10 sample (20,000
 training and 2,000 test images) and fine-tunes it on the same sample. Its recipe (GCP's lambda and
 learning rate, the fine-tuning epochs, learning rate and distillation) is chosen here without the
 sample's test images: GCP and fine-tuning train on the sample's training images, as in the
@@ -72,7 +72,7 @@ def args() -> argparse.Namespace:
     ap.add_argument("--gcp", type=lambda s: s.split(","), default=list(GCP_SETTINGS))
     ap.add_argument("--finetunes", type=lambda s: s.split(","), default=list(FINETUNES))
     ap.add_argument("--train-per-class", type=int, default=None,
-                    help="train on this many training images per class instead of the sample's 500")
+                    help="train on this many training images per class of --data instead of the sample's")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for training")
     ap.add_argument("--results", type=Path, default=RESULTS / "quickstart_recipe")
     return ap.parse_args()
@@ -107,7 +107,7 @@ def tuning_split(sample: Path, cifar: Path, out: Path, per_class: int = 200, tra
 def inner_half(base: Path, data: Path, table: Path, out: Path) -> dict:
     """The hand-set reference: every inner convolution of each block halved, the residual streams
     whole, the L1-largest channels kept; not fine-tuned; its checkpoint at ``out``."""
-    from hwprune.models._registry import ModelSpec
+    from hwprune.models import ModelSpec
     from hwprune.prediction.artifact import predictor_for
     from hwprune.pruning.importance import channel_importance, keep_indices
     from hwprune.pruning.space import PruningSpace, WidthConfig
@@ -176,6 +176,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hwprune-recipe-") as d:
         data = tuning_split(SAMPLE, a.data, Path(d) / "data", train_per_class=a.train_per_class)
         base_held = evaluate_checkpoint(BASE_CK, data)["top1"]
+        train_images = sum(1 for f in (data / "train").rglob("*") if f.is_file())
         for g in a.gcp:
             ck = Path(d) / f"{g}.pt"
             p = pruned(BASE_CK, data, a.table, a.target, GCP_SETTINGS[g], ck)
@@ -185,7 +186,7 @@ def main() -> None:
                 print(json.dumps({k: rows[-1][k] for k in ("gcp_setting", "finetune", "held_top1", "drop",
                                                            "held_top1_before_finetune", "cost_fraction",
                                                            "prune_seconds", "finetune_seconds")}), flush=True)
-    write(a, base_held, rows)
+    write(a, base_held, rows, train_images)
 
 
 def _shown(path: Path) -> str:
@@ -194,12 +195,12 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def write(a, base_held: float, rows: list[dict]) -> None:
+def write(a, base_held: float, rows: list[dict], train_images: int) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     load = os.getloadavg()[0]
     doc = {"date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "commit": commit,
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-           "loadavg_1min_at_end": round(load, 2), "target": a.target, "train_images": 10 * (a.train_per_class or 500), "table": _shown(a.table),
+           "loadavg_1min_at_end": round(load, 2), "target": a.target, "train_images": train_images, "table": _shown(a.table),
            "base_held_top1": base_held, "rows": rows}
     best = min(rows, key=lambda r: (r["drop"], r["finetune_seconds"]))
     doc["best"] = {"gcp_setting": best["gcp_setting"], "finetune": best["finetune"]}
@@ -207,7 +208,7 @@ def write(a, base_held: float, rows: list[dict]) -> None:
     lines = ["# The quickstart's recipe, chosen on held-out training images", "",
              f"{doc['date']}, commit {commit}, {doc['machine']}. Shipped cifar_resnet20 pruned with GCP to "
              f"{a.target:g} of its predicted latency (table `{doc['table']}`, no device measurement), 4 rounds of 30 "
-             f"iterations, and fine-tuned on {10 * (a.train_per_class or 500):,} training images "
+             f"iterations, and fine-tuned on {train_images:,} training images "
              f"({'the sample' if not a.train_per_class else 'the first of each class of the training set'}); scored on 2,000 other CIFAR-10 test "
              f"images (the base: {base_held:.2f}%). Generated by `python benchmarks/quickstart_recipe.py`.", "",
              "| GCP | fine-tuning | epochs | lr | distilled | held-out top-1 | drop (points) | before fine-tuning | "

@@ -21,6 +21,7 @@ ASSETS = ROOT / "hwprune" / "assets"
 
 def subset_tarball(src: Path, dst: Path, per_class: int) -> None:
     """Copy the first ``per_class`` images (sorted by name) of every class folder of ``src`` to ``dst``."""
+    import gzip
     import io
     import tarfile
 
@@ -30,7 +31,9 @@ def subset_tarball(src: Path, dst: Path, per_class: int) -> None:
         for m in files:
             by_class.setdefault(str(Path(m.name).parent), []).append(m)
         tmp = dst.with_name(dst.name + ".tmp")
-        with tarfile.open(tmp, "w:gz", compresslevel=9) as tout:
+        # gzip's header holds a time stamp and a file name: with neither, the same images give the same bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w") as tout:
             for cls in sorted(by_class):
                 for m in by_class[cls][:per_class]:
                     info = tarfile.TarInfo(m.name)
