@@ -40,6 +40,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 TABLE = ROOT / "latency_tables" / "onnxruntime-cpu-t2-b1" / "cifar_resnet20.parquet"
 
 GCP_SETTINGS = {  # label: GCP options (the quickstart's 4 rounds of 30 iterations)
+    "lam0.01": {"lam_factor": 0.01, "lr": 0.01},
+    "lam0.03": {"lam_factor": 0.03, "lr": 0.01},
+    "lam0.1": {"lam_factor": 0.1, "lr": 0.01},
     "lam0.3": {"lam_factor": 0.3, "lr": 0.01},
     "lam1": {"lam_factor": 1.0, "lr": 0.01},
     "lam0.3-paper": {"lam_factor": 0.3, "lr": 0.01, "recover": "paper"},  # recovery leaves the convolutions alone
