@@ -45,6 +45,7 @@ GCP_SETTINGS = {  # label: GCP options (the quickstart's 4 rounds of 30 iteratio
     "lam0.1": {"lam_factor": 0.1, "lr": 0.01},
     "lam0.3": {"lam_factor": 0.3, "lr": 0.01},
     "lam1": {"lam_factor": 1.0, "lr": 0.01},
+    "lam0.3-keep": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep"},  # residual streams whole
     "lam0.3-paper": {"lam_factor": 0.3, "lr": 0.01, "recover": "paper"},  # recovery leaves the convolutions alone
     "lam1-paper": {"lam_factor": 1.0, "lr": 0.01, "recover": "paper"},
     "l1": {"method": "l1"},  # references: the same fine-tuning after a method that does not train

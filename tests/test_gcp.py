@@ -500,3 +500,29 @@ def test_gcp_options_fix_lambda_and_lr_or_are_refused_in_one_line():
     for bad in ({"lr": -1}, {"lam_factor": "big"}, {"steps": 0}, {"iters": True}):
         with pytest.raises(HwpruneError, match="must be a positive number"):
             get_method("gcp").validate(bad)
+
+
+def test_streams_keep_prunes_only_inside_the_blocks():
+    """``-o streams=keep``: every residual stream stays whole, the other groups meet the target alone;
+    an unknown mode is a one-line error."""
+    from hwprune.pruning.methods import PruneJob, _gcp_config, get_method
+
+    space = make_space()
+    streams = [g.id for g in space.groups if g.kind == "residual"]
+    assert streams  # the test model has a residual stage
+    _, res = gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+                 GCPConfig(target=0.6, streams="keep", **FAST))
+    full = space.full().widths
+    assert all(res.widths.widths[g] == full[g] for g in streams)
+    assert res.cost_fraction <= 0.6 + 1e-9
+    assert any(res.widths.widths[g.id] < g.channels for g in space.groups if g.kind != "residual")
+    _, free = gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+                  GCPConfig(target=0.6, **FAST))
+    assert any(free.widths.widths[g] < full[g] for g in streams)  # by default the streams compete
+    job = PruneJob(checkpoint=None, model=space.model, space=space, cost=FlopsCost(space), options={"streams": "keep"})
+    assert _gcp_config(0.6, job).streams == "keep"
+    with pytest.raises(HwpruneError, match="streams"):
+        get_method("gcp").validate({"streams": "some"})
+    with pytest.raises(HwpruneError, match="streams mode"):
+        gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
+            GCPConfig(target=0.6, streams="some", **FAST))

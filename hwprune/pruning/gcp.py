@@ -20,6 +20,9 @@ The algorithm, as the paper defines it:
   is applied by proximal gradient steps (soft-thresholding ``m_i`` by ``lr * lambda * c_i``),
   except on each group's ``min_keep`` highest-scored channels, which no prune step may remove,
   so that no group is zeroed whole.
+  With ``streams="keep"`` the residual streams are held whole and only the groups inside the
+  blocks compete (short fine-tuning recovers inner convolutions far better than a stream that
+  feeds every layer of its stage).
 * **Prune step**: rank the live channels by ``s_i`` (masks the proximal step zeroed first,
   the most expensive of them first), remove the least important until the cost falls by
   ``(1 - alpha) / T`` of the original cost. A group with grouped convolutions (a step, see
@@ -77,6 +80,7 @@ class GCPConfig:
     momentum: float = 0.9
     seed: int = 0
     recover: str = "all"  # "all": the recover step trains every weight; "paper": masks, BN shifts, classifier
+    streams: str = "prune"  # "prune": residual streams compete with every group; "keep": they stay whole
     precision: str = "auto"  # "auto": bf16 autocast and channels_last where the CPU/GPU runs them fast; "fp32"
 
 
@@ -129,6 +133,18 @@ def _min_width(g: ChannelGroup, min_keep: float) -> int:
     return g.round_width(_floor(g.channels, min_keep), "up")
 
 
+STREAM_MODES = ("prune", "keep")
+
+
+def _floors(space: PruningSpace, min_keep: float, streams: str = "prune") -> dict[str, int]:
+    """Per group, the narrowest width GCP may leave: :func:`_min_width`, or the full width of a
+    residual stream when ``streams`` is ``"keep"`` (only the convolutions inside the blocks are pruned)."""
+    if streams not in STREAM_MODES:
+        raise HwpruneError(f"unknown GCP streams mode '{streams}'", "choose prune or keep")
+    keep = streams == "keep"
+    return {g.id: g.channels if keep and g.kind == "residual" else _min_width(g, min_keep) for g in space.groups}
+
+
 def _unit_scores(g: ChannelGroup, scores: np.ndarray) -> np.ndarray:
     """One score per unit of ``g`` (:meth:`ChannelGroup.units`): the mean of its channels' scores."""
     return np.asarray(scores, dtype=np.float64)[g.units()].mean(axis=1)
@@ -143,10 +159,10 @@ class _Masks:
     """One mask vector per channel group, applied after the group's BN layers; every group keeps
     at least ``_min_width(g, min_keep)`` channels, whole units of a group with a step."""
 
-    def __init__(self, model: nn.Module, space: PruningSpace, min_keep: float = 0.0):
+    def __init__(self, model: nn.Module, space: PruningSpace, min_keep: float = 0.0, streams: str = "prune"):
         self.model = model
         self.space = space
-        self.floor = {g.id: _min_width(g, min_keep) for g in space.groups}
+        self.floor = _floors(space, min_keep, streams)
         self.units = {g.id: torch.as_tensor(g.units()) for g in space.groups}
         mods = dict(model.named_modules())
         self.params: dict[str, nn.Parameter] = {}
@@ -368,8 +384,8 @@ def _eval_loss(model: nn.Module, batches: Batches, amp=None) -> float:
     return tot / max(n, 1)
 
 
-def _prune_to(space: PruningSpace, cost: CostBase, masks: _Masks, fraction: float, min_keep: float,
-              base_cost: float, costs: dict[str, float] | None = None) -> None:
+def _prune_to(space: PruningSpace, cost: CostBase, masks: _Masks, fraction: float, base_cost: float,
+              costs: dict[str, float] | None = None) -> None:
     """Remove the least important live units until the cost is at most ``fraction`` of the base.
 
     A unit is one channel, or one position in every conv group of a group with a step, scored by
@@ -380,7 +396,7 @@ def _prune_to(space: PruningSpace, cost: CostBase, masks: _Masks, fraction: floa
     entries = []
     for gi, g in enumerate(space.groups):
         alive = masks.alive[g.id].numpy()[g.units()].all(axis=1)
-        removable = int(alive.sum()) - _min_width(g, min_keep) // g.step
+        removable = int(alive.sum()) - masks.floor[g.id] // g.step
         if removable <= 0:
             continue
         s = _unit_scores(g, scores[g.id])
@@ -403,7 +419,7 @@ def _prune_to(space: PruningSpace, cost: CostBase, masks: _Masks, fraction: floa
 def _run(model: nn.Module, space: PruningSpace, cost: CostBase, cfg: GCPConfig, train: Batches,
          lam: float, lr: float, iters: int, steps: int, progress=None) -> tuple[_Masks, list[dict]]:
     """``steps`` regularise / prune / recover rounds on ``model`` (masked in place)."""
-    masks = _Masks(model, space, cfg.min_keep)
+    masks = _Masks(model, space, cfg.min_keep, cfg.streams)
     _recover_trainables(model, masks, cfg.recover)  # reject a bad mode before any work
     amp = _amp(cfg.precision)
     if amp is not None:
@@ -419,7 +435,7 @@ def _run(model: nn.Module, space: PruningSpace, cost: CostBase, cfg: GCPConfig, 
                          train_stats=False, amp=amp)  # convolutions frozen
             zeroed = masks.zeroed()
             goal = 1.0 - t * (1.0 - cfg.target) / steps
-            _prune_to(space, cost, masks, goal, cfg.min_keep, base, costs)
+            _prune_to(space, cost, masks, goal, base, costs)
             rec = _phase(model, masks, _recover_trainables(model, masks, cfg.recover), it, iters, lr, cfg.momentum,
                          train_stats=True, amp=amp)
             masks.refresh_scales()  # the recover step may have trained gamma

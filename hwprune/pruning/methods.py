@@ -111,7 +111,7 @@ class GroupNorm(_Baseline):
 
 
 @METHODS.register("gcp", "Global Channel Pruning (PruneNet): cost-weighted L1 on shared BN masks, T rounds "
-                         "(-o steps, iters, recover, lam_factor, lr, search_iters)")
+                         "(-o steps, iters, recover, streams, lam_factor, lr, search_iters)")
 class GCP:
     needs_data: ClassVar[bool] = True
 
@@ -122,6 +122,8 @@ class GCP:
     def validate(self, options: dict[str, Any]) -> None:
         if options.get("recover", "all") not in ("all", "paper"):
             raise HwpruneError(f"unknown --recover '{options['recover']}'", "choose all or paper")
+        if options.get("streams", "prune") not in ("prune", "keep"):
+            raise HwpruneError(f"unknown GCP option streams='{options['streams']}'", "choose prune or keep")
         for k in self.NUMBERS:
             v = options.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
@@ -140,7 +142,7 @@ class GCP:
         with item_progress("GCP", enabled=not job.quiet) as update:
             _, r = gcp(job.model, job.space, job.cost, train_batches, held_batches, cfg, progress=update)
         info = {"gcp_lambda": r.lam, "gcp_lambda_factor": r.lam_factor, "gcp_lr": r.lr, "gcp_steps": cfg.steps,
-                "gcp_recover": cfg.recover, "gcp_history": r.history, "gcp_search": r.search,
+                "gcp_recover": cfg.recover, "gcp_streams": cfg.streams, "gcp_history": r.history, "gcp_search": r.search,
                 "gcp_seconds": r.seconds, "gcp_widths": dict(r.widths.widths)}
         return MethodOutput(r.widths, r.keep, r.scores, lambda w, k: materialize(job.space, r, w, k), "bn", info,
                             prior=r.prior)
@@ -156,7 +158,7 @@ def _gcp_config(goal: float, job: PruneJob):
              "search_iters": int(o["search_iters"]) if o.get("search_iters") else None,
              "iters_per_phase": int(o["iters"]) if o.get("iters") else None}
     return GCPConfig(target=goal, steps=int(o.get("steps", 4)), min_keep=job.min_keep, recover=o.get("recover", "all"),
-                     **{k: v for k, v in fixed.items() if v is not None})
+                     streams=o.get("streams", "prune"), **{k: v for k, v in fixed.items() if v is not None})
 
 
 def _gcp_loaders(job: PruneJob):
