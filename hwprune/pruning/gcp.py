@@ -157,7 +157,7 @@ def _kept(alive: dict[str, np.ndarray | torch.Tensor]) -> dict[str, list[int]]:
 
 class _Masks:
     """One mask vector per channel group, applied after the group's BN layers; every group keeps
-    at least ``_min_width(g, min_keep)`` channels, whole units of a group with a step."""
+    at least its :func:`_floors` width, whole units of a group with a step."""
 
     def __init__(self, model: nn.Module, space: PruningSpace, min_keep: float = 0.0, streams: str = "prune"):
         self.model = model

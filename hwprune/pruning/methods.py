@@ -122,7 +122,9 @@ class GCP:
     def validate(self, options: dict[str, Any]) -> None:
         if options.get("recover", "all") not in ("all", "paper"):
             raise HwpruneError(f"unknown --recover '{options['recover']}'", "choose all or paper")
-        if options.get("streams", "prune") not in ("prune", "keep"):
+        from hwprune.pruning.gcp import STREAM_MODES
+
+        if options.get("streams", "prune") not in STREAM_MODES:
             raise HwpruneError(f"unknown GCP option streams='{options['streams']}'", "choose prune or keep")
         for k in self.NUMBERS:
             v = options.get(k)
