@@ -46,6 +46,9 @@ GCP_SETTINGS = {  # label: GCP options (the quickstart's 4 rounds of 30 iteratio
     "lam0.3": {"lam_factor": 0.3, "lr": 0.01},
     "lam1": {"lam_factor": 1.0, "lr": 0.01},
     "lam0.3-keep": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep"},  # residual streams whole
+    # streams whole and every other group kept at 0.5 / 0.4 of its channels at least (--min-keep)
+    "lam0.3-keep-floor0.5": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep", "min_keep": 0.5},
+    "lam0.3-keep-floor0.4": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep", "min_keep": 0.4},
     "lam0.3-paper": {"lam_factor": 0.3, "lr": 0.01, "recover": "paper"},  # recovery leaves the convolutions alone
     "lam1-paper": {"lam_factor": 1.0, "lr": 0.01, "recover": "paper"},
     "l1": {"method": "l1"},  # references: the same fine-tuning after a method that does not train
@@ -143,8 +146,9 @@ def pruned(base: Path, data: Path, table: Path, target: float, options: dict, ou
         return inner_half(base, data, table, out)
     t0 = time.perf_counter()
     opts = {"steps": 4, "iters": 30, **options} if method == "gcp" else {}
+    min_keep = opts.pop("min_keep", 0.2)
     res = prune_to_target(base, method, "latency", target, predictor=predictor_for(table), table=table, data=data,
-                          device=DeviceOptions(measure=False), options=opts, quiet=True)
+                          device=DeviceOptions(measure=False), options=opts, quiet=True, min_keep=min_keep)
     res.save(out)
     m = res.checkpoint.meta
     return {"gcp": options, "cost_fraction": res.cost_fraction, "predicted_ms": m.get("predicted_ms"),

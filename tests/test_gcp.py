@@ -526,3 +526,28 @@ def test_streams_keep_prunes_only_inside_the_blocks():
     with pytest.raises(HwpruneError, match="streams mode"):
         gcp(space.model, space, FlopsCost(space), make_batches(), make_batches(seed=1),
             GCPConfig(target=0.6, streams="some", **FAST))
+
+
+def test_device_correction_keeps_the_method_floors():
+    """A device slower than predicted makes the correction remove channels; with GCP's
+    ``streams=keep`` floors it takes them from inside the blocks only, never from a stream."""
+    from hwprune.pruning.device_correction import correct_to_measured
+    from hwprune.pruning.gcp import width_floors
+
+    space = make_space()
+    cost = FlopsCost(space)
+    streams = [g.id for g in space.groups if g.kind == "residual"]
+    _, res = gcp(space.model, space, cost, make_batches(), make_batches(seed=1),
+                 GCPConfig(target=0.6, streams="keep", **FAST))
+
+    def slow(widths, keep):  # pruned models run 30% slower than predicted
+        return 10.0 * cost.fraction(widths) * 1.3
+
+    # the streams' channels score lowest, so a correction without floors removes them first
+    scores = {g: (s * 1e-3 if g in streams else s) for g, s in res.scores.items()}
+    args = (space, cost, res.widths, res.keep, scores, res.prior, slow, 10.0)
+    free, _, _ = correct_to_measured(*args, target=0.6, tol=0.03)
+    assert any(free.widths[g] < space.full().widths[g] for g in streams)  # without floors, streams are cut
+    kept, _, log = correct_to_measured(*args, target=0.6, tol=0.03, floors=width_floors(space, 0.2, "keep"))
+    assert all(kept.widths[g] == space.full().widths[g] for g in streams)
+    assert cost.fraction(kept) < res.cost_fraction  # it did remove channels, inside the blocks

@@ -208,3 +208,28 @@ def test_cli_fit_then_predict_with_the_artifact(table_path, tmp_path):
     r = run_cli("predict", "--table", str(other), "--model", MODEL, "--predictor", str(out))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "another table" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_each_distinct_layer_row_is_predicted_once_with_the_same_result(fitted, configs, monkeypatch):
+    """Repeated configurations share their rows: they are predicted once, and every configuration
+    gets exactly what it gets when predicted alone (one thread, so that sums are ordered)."""
+    import hwprune.prediction.predictor as hp
+
+    F = np.repeat(np.arange(12.0).reshape(4, 3), 3, axis=0)
+    F = np.hstack([F, np.zeros((len(F), len(hp.FEATURE_NAMES) - 3))])
+    U, inverse = hp.unique_rows(F)
+    assert len(U) == 4 and np.array_equal(U[inverse], F)
+    F[0, 0] = np.nan  # not comparable: every row is kept
+    U, inverse = hp.unique_rows(F)
+    assert len(U) == len(F)
+
+    seen = []
+    real = hp._kernel_ms
+    monkeypatch.setattr(hp, "_kernel_ms", lambda est, X, a: (seen.append(len(X)), real(est, X, a))[1])
+    many = configs * 5
+    together = fitted.predict(MODEL, many)
+    alone = np.concatenate([fitted.predict(MODEL, [c]) for c in configs])
+    assert np.array_equal(together, np.tile(alone, 5))
+    layers = len(fitted.check_model(MODEL).template.slots)
+    kinds = len(seen) // (len(configs) + 1)  # one call per unit kind and prediction
+    assert sum(seen[:kinds]) <= len(configs) * layers  # the four repeats of every configuration cost nothing

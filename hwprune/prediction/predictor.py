@@ -67,7 +67,7 @@ from hwprune.profiling.layer_shapes import ModelTemplate
 
 __all__ = ["BULK_ROWS", "CALIBRATIONS", "FEATURE_NAMES", "FEATURE_VERSION", "FLOP_EXPONENT", "KERNEL_FLOPS_COL", "KINDS",
            "LatencyPredictor", "LayerPrediction", "ModelTemplate", "cross_validate_e2e", "fit_predictor",
-           "layer_features"]
+           "layer_features", "unique_rows"]
 
 #: feature rows from which a prediction uses every core
 BULK_ROWS = 100_000
@@ -76,6 +76,27 @@ BULK_ROWS = 100_000
 # ---------------------------------------------------------------------------------------
 # The predictor
 # ---------------------------------------------------------------------------------------
+#: fixed directions on which feature rows are hashed (:func:`unique_rows`)
+_ROW_HASH = np.random.default_rng(20261203).standard_normal(len(FEATURE_NAMES))
+
+
+def unique_rows(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``F`` and the index of each row among them (``U[inverse] == F``).
+
+    Configurations of one model share most of their layers' shapes (a search over a width grid
+    repeats them thousands of times), and a tree ensemble's prediction of a row does not depend
+    on the other rows, so each distinct row is predicted once. Rows are grouped by a fixed
+    random projection and the grouping is checked exactly; should two distinct rows ever
+    project alike (or a row hold a NaN), every row is kept as it is."""
+    if len(F) < 2 or F.shape[1] != len(_ROW_HASH):
+        return F, np.arange(len(F))
+    _, first, inverse = np.unique(F @ _ROW_HASH, return_index=True, return_inverse=True)
+    U = F[first]
+    if not np.array_equal(U[inverse], F):
+        return F, np.arange(len(F))
+    return U, inverse
+
+
 @contextmanager
 def _every_core(est, on: bool):
     """Let a forest predict on every core while ``on`` (its trees are fitted with one job:
@@ -402,17 +423,19 @@ class LatencyPredictor(BaseEstimator):
                 continue
             if kind not in self.estimators_:
                 raise HwpruneError(f"the table never covered unit kind '{kind}' (layer '{tpl.slots[cols[0]].name}')")
-            F = tpl.features(kind, cols, batch, cin, cout)
+            F, inverse = unique_rows(tpl.features(kind, cols, batch, cin, cout))
             # one thread for the small batches that come right before a measurement (validation,
             # GCP's device check): OpenMP workers left spinning would slow it down; every core
             # for bulk prediction (a search scoring thousands of configurations)
             bulk = len(F) >= BULK_ROWS
             with threadpool_limits(None if bulk else 1), _every_core(self.estimators_[kind], bulk):
-                extras[:, cols] = self.extras_[kind].predict(F).reshape(n, len(cols))
-                out[:, cols] = (_kernel_ms(self.estimators_[kind], F, self.flop_exponent_).reshape(n, len(cols))
-                                + extras[:, cols])
+                ex = self.extras_[kind].predict(F)
+                kernel = _kernel_ms(self.estimators_[kind], F, self.flop_exponent_)
             lo, hi = self.ranges_[kind]
-            outside[:, cols] = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1).reshape(n, len(cols))
+            off = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1)
+            extras[:, cols] = ex[inverse].reshape(n, len(cols))
+            out[:, cols] = (kernel[inverse] + ex[inverse]).reshape(n, len(cols))
+            outside[:, cols] = off[inverse].reshape(n, len(cols))
         return out, cin, cout, outside, extras
 
     def _layer_sum(self, model: str, configs) -> np.ndarray:

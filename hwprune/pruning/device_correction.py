@@ -19,7 +19,7 @@ the safe side, and its log entry says so (``decision``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -118,13 +118,13 @@ def _unit_candidates(space: PruningSpace, alive: dict[str, np.ndarray], values: 
 
 
 def _prune_units(space: PruningSpace, cost: CostBase, alive: dict[str, np.ndarray], scores: dict[str, np.ndarray],
-                 goal: float, base_cost: float, min_keep: float) -> None:
+                 goal: float, base_cost: float, floors: Mapping[str, int]) -> None:
     """Remove live units, lowest mean score first, until the cost is at most ``goal`` of ``base_cost``;
-    no group goes below :func:`_min_width`."""
+    no group goes below its width in ``floors``."""
     values = {g.id: _unit_scores(g, scores[g.id]) for g in space.groups}
     for _, gi, u in _unit_candidates(space, alive, values, live=True):
         g = space.groups[gi]
-        if alive[g.id].sum() <= _min_width(g, min_keep):
+        if alive[g.id].sum() <= floors[g.id]:
             continue
         alive[g.id][g.units()[u]] = False
         if cost.total([_widths_of(space, alive)])[0] / base_cost <= goal:
@@ -176,8 +176,8 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
                         scores: dict[str, np.ndarray], prior: dict[str, np.ndarray] | None,
                         measure: Callable[[WidthConfig, dict[str, list[int]]], "Reading | float"], base_ms: float,
                         target: float, tol: float = 0.03, rounds: int = 4, min_keep: float = DEFAULT_MIN_KEEP,
-                        overlap: float = OVERLAP,
-                        remeasure: int = 1) -> tuple[WidthConfig, dict[str, list[int]], list[dict]]:
+                        overlap: float = OVERLAP, remeasure: int = 1,
+                        floors: Mapping[str, int] | None = None) -> tuple[WidthConfig, dict[str, list[int]], list[dict]]:
     """Meet the target on the device, not only in prediction, for the result of any pruning method.
 
     ``widths``/``keep`` are a method's configuration and surviving channels (whole units of a
@@ -195,12 +195,13 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
     predicted-cost goal is rescaled by ``target / ratio`` (or, once one goal landed under and one
     over the target, bisected between them) and units (one channel, or one position in every conv
     group of a grouped group) are removed (lowest mean score first, no group below ``min_keep`` of
-    its channels) or given back (highest mean prior per unit of cost first, see
+    its channels, or below its width in ``floors`` where the method set its own floors) or given back (highest mean prior per unit of cost first, see
     :func:`_add_back_cost`), then the model is measured again. Of all tries the slowest that met
     the target on a decided interval is kept, else the narrowest ambiguous one (see the module's
     docstring). Returns the widths, the surviving channels and one log entry per configuration.
     """
     prior = scores if prior is None else prior
+    floors = {g.id: _min_width(g, min_keep) for g in space.groups} if floors is None else dict(floors)
     alive = _alive_of(space, widths, keep)
     log, tries = [], []
     base_cost = float(cost.total([space.full()])[0])
@@ -221,7 +222,7 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
             break
         goal = steer.next_goal(frac, decided)
         if goal < frac:  # too slow: remove the least important live units
-            _prune_units(space, cost, alive, scores, goal, base_cost, min_keep)
+            _prune_units(space, cost, alive, scores, goal, base_cost, floors)
         else:  # well under the target: give back the removed units with the most prior per unit cost
             _restore_units(space, cost, alive, prior, goal, base_cost)
     kept, alive = _choose(log, steer, tries)

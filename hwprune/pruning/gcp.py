@@ -136,7 +136,7 @@ def _min_width(g: ChannelGroup, min_keep: float) -> int:
 STREAM_MODES = ("prune", "keep")
 
 
-def _floors(space: PruningSpace, min_keep: float, streams: str = "prune") -> dict[str, int]:
+def width_floors(space: PruningSpace, min_keep: float, streams: str = "prune") -> dict[str, int]:
     """Per group, the narrowest width GCP may leave: :func:`_min_width`, or the full width of a
     residual stream when ``streams`` is ``"keep"`` (only the convolutions inside the blocks are pruned)."""
     if streams not in STREAM_MODES:
@@ -157,12 +157,12 @@ def _kept(alive: dict[str, np.ndarray | torch.Tensor]) -> dict[str, list[int]]:
 
 class _Masks:
     """One mask vector per channel group, applied after the group's BN layers; every group keeps
-    at least its :func:`_floors` width, whole units of a group with a step."""
+    at least its :func:`width_floors` width, whole units of a group with a step."""
 
     def __init__(self, model: nn.Module, space: PruningSpace, min_keep: float = 0.0, streams: str = "prune"):
         self.model = model
         self.space = space
-        self.floor = _floors(space, min_keep, streams)
+        self.floor = width_floors(space, min_keep, streams)
         self.units = {g.id: torch.as_tensor(g.units()) for g in space.groups}
         mods = dict(model.named_modules())
         self.params: dict[str, nn.Parameter] = {}

@@ -53,6 +53,8 @@ class MethodOutput:
     criterion: str
     info: dict = field(default_factory=dict)
     prior: dict[str, np.ndarray] | None = None  # order for restoring channels (default: scores)
+    #: per group, the narrowest width the device correction may prune it to (default: ``min_keep``)
+    floors: dict[str, int] | None = None
 
 
 class Pruner(Protocol):
@@ -132,7 +134,7 @@ class GCP:
                 raise HwpruneError(f"GCP option {k} must be a positive number, got {v!r}")
 
     def __call__(self, job: PruneJob, goal: float) -> MethodOutput:
-        from hwprune.pruning.gcp import gcp, materialize
+        from hwprune.pruning.gcp import gcp, materialize, width_floors
 
         if job.data is None:
             raise HwpruneError("GCP trains masks and BN shifts: it needs --data")
@@ -147,7 +149,7 @@ class GCP:
                 "gcp_recover": cfg.recover, "gcp_streams": cfg.streams, "gcp_history": r.history, "gcp_search": r.search,
                 "gcp_seconds": r.seconds, "gcp_widths": dict(r.widths.widths)}
         return MethodOutput(r.widths, r.keep, r.scores, lambda w, k: materialize(job.space, r, w, k), "bn", info,
-                            prior=r.prior)
+                            prior=r.prior, floors=width_floors(job.space, cfg.min_keep, cfg.streams))
 
 
 def _gcp_config(goal: float, job: PruneJob):

@@ -188,7 +188,8 @@ def _prune_and_correct(job, pruner, target, meet, meter):
     out.info["method_widths"] = dict(out.widths.widths)
     out.info["goal"] = goal
     widths, keep, log = correct_to_measured(job.space, job.cost, out.widths, out.keep, out.scores, out.prior,
-                                            _reader(meter, out, base_ms), base_ms, meet, min_keep=job.min_keep)
+                                            _reader(meter, out, base_ms), base_ms, meet, min_keep=job.min_keep,
+                                            floors=out.floors)
     out.widths, out.keep = widths, keep
     return out, log, calibration, base_ms
 
