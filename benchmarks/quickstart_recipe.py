@@ -7,8 +7,8 @@ Run from the repository root with nothing else using the CPU:
 For a table like the one the quickstart profiles (1 thread, 40 configurations, no isolated unit
 benchmarks): ``hwprune profile --model cifar_resnet20 --threads 1 --configs 40 --micro 0 --out T``.
 
-The quickstart prunes the shipped cifar_resnet20 with GCP on the shipped CIFAR-10 sample (20,000
-training and 2,000 test images) and fine-tunes it on the same sample. Its recipe (GCP's lambda and
+The quickstart prunes the shipped cifar_resnet20 with GCP on the shipped CIFAR-10 images (the 50,000
+training images and a 2,000-image test sample) and fine-tunes it on the same training images. Its recipe (GCP's lambda and
 learning rate, the fine-tuning epochs, learning rate and distillation) is chosen here without the
 sample's test images: GCP and fine-tuning train on the sample's training images, as in the
 quickstart, and are scored on 2,000 other CIFAR-10 test images (200 per class, from ``--data``; a
@@ -49,6 +49,11 @@ GCP_SETTINGS = {  # label: GCP options (the quickstart's 4 rounds of 30 iteratio
     # streams whole and every other group kept at 0.5 / 0.4 of its channels at least (--min-keep)
     "lam0.3-keep-floor0.5": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep", "min_keep": 0.5},
     "lam0.3-keep-floor0.4": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep", "min_keep": 0.4},
+    "lam0.3-floor0.5": {"lam_factor": 0.3, "lr": 0.01, "min_keep": 0.5},  # every group, streams too, >= 0.5
+    # GCP's widths and surviving channels, with the base model's weights instead of GCP's trained ones
+    "lam0.3-keep-base-weights": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep", "weights": "base"},
+    "lam0.3-keep-floor0.5-base-weights": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep", "min_keep": 0.5,
+                                          "weights": "base"},
     "lam0.3-paper": {"lam_factor": 0.3, "lr": 0.01, "recover": "paper"},  # recovery leaves the convolutions alone
     "lam1-paper": {"lam_factor": 1.0, "lr": 0.01, "recover": "paper"},
     "l1": {"method": "l1"},  # references: the same fine-tuning after a method that does not train
@@ -67,6 +72,7 @@ FINETUNES = {  # label: (epochs, peak lr, distil from the base)
     "kd-8ep-lr0.05": (8, 0.05, True),
     "kd-12ep-lr0.05": (12, 0.05, True),
     "kd-5ep-lr0.05": (5, 0.05, True),
+    "kd-3ep-lr0.05": (3, 0.05, True),
 }
 
 
@@ -136,23 +142,39 @@ def inner_half(base: Path, data: Path, table: Path, out: Path) -> dict:
             "widths": dict(widths.widths), "prune_seconds": 0.0}
 
 
+def _from_base(base: Path, widths, keep: dict, meta: dict, out: Path) -> None:
+    """Write to ``out`` the base model cut to ``widths``, keeping the channels ``keep``."""
+    from hwprune.models import ModelSpec
+    from hwprune.pruning.space import PruningSpace
+    from hwprune.training.checkpoint import Checkpoint
+
+    spec = Checkpoint.load(base).build_model()
+    space = PruningSpace(spec.module, (1, *spec.input_size), name=spec.name)
+    small = ModelSpec(spec.name, space.apply(widths, keep=keep), spec.input_size, spec.num_classes)
+    Checkpoint.from_model(small, widths=dict(widths.widths), meta=dict(meta)).save(out)
+
+
 def pruned(base: Path, data: Path, table: Path, target: float, options: dict, out: Path) -> dict:
     """GCP to ``target`` of the predicted latency, not fine-tuned; its checkpoint at ``out``."""
     from hwprune.prediction.artifact import predictor_for
     from hwprune.pruning.target import DeviceOptions, prune_to_target
+    from hwprune.training.train import evaluate_checkpoint
 
     method = options.get("method", "gcp")
     if method == "inner-half":
         return inner_half(base, data, table, out)
     t0 = time.perf_counter()
     opts = {"steps": 4, "iters": 30, **options} if method == "gcp" else {}
-    min_keep = opts.pop("min_keep", 0.2)
+    min_keep, weights = opts.pop("min_keep", 0.2), opts.pop("weights", "method")
     res = prune_to_target(base, method, "latency", target, predictor=predictor_for(table), table=table, data=data,
                           device=DeviceOptions(measure=False), options=opts, quiet=True, min_keep=min_keep)
     res.save(out)
+    if weights == "base":  # the same channels, cut from the base model's weights
+        _from_base(base, res.widths, res.keep, res.checkpoint.meta, out)
     m = res.checkpoint.meta
+    before = m["accuracy"]["top1"] if weights != "base" else evaluate_checkpoint(out, data)["top1"]
     return {"gcp": options, "cost_fraction": res.cost_fraction, "predicted_ms": m.get("predicted_ms"),
-            "base_predicted_ms": m.get("base_predicted_ms"), "held_top1_before_finetune": m["accuracy"]["top1"],
+            "base_predicted_ms": m.get("base_predicted_ms"), "held_top1_before_finetune": before,
             "widths": dict(res.widths.widths), "prune_seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -10,9 +10,9 @@ user's own model:
 5. bench     - base and pruned model interleaved, in fresh sessions;
 6. report    - the HTML and Markdown report.
 
-Everything it needs ships with the package (``hwprune/assets``): a cifar_resnet20 checkpoint and
-a 20,000 + 2,000 image sample of CIFAR-10. Re-running into the same directory continues: the table
-resumes, and a finished step is redone only with ``force`` (bench and report also when what they
+Everything it needs ships with the package (``hwprune/assets``): a cifar_resnet20 checkpoint, the
+50,000 CIFAR-10 training images and a 2,000-image test sample. Re-running into the same directory
+continues: the table resumes, and a finished step is redone only with ``force`` (bench and report also when what they
 read is newer than what they wrote).
 """
 
@@ -56,6 +56,8 @@ class QuickstartConfig:
     gcp_steps: int = 4  # GCP rounds
     gcp_lam_factor: float = 0.3  # GCP's lambda in units of lambda_0 (hwprune.pruning.gcp)
     gcp_lr: float = 0.01
+    gcp_streams: str = "prune"  # "keep": the residual streams stay whole, only the blocks' insides are pruned
+    min_keep: float = 0.2  # every other group keeps at least this fraction of its channels
     threads: int = 1
     gate_budget_s: float = 90.0
     data: Path = SAMPLE
@@ -66,6 +68,12 @@ class QuickstartConfig:
         self.out, self.data = Path(self.out), Path(self.data)
         if not 0.05 <= self.target <= 0.95:
             raise HwpruneError(f"target {self.target:g} is outside 0.05-0.95")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise HwpruneError(f"min_keep {self.min_keep:g} is outside (0, 1]")
+        from hwprune.pruning.gcp import STREAM_MODES
+
+        if self.gcp_streams not in STREAM_MODES:
+            raise HwpruneError(f"unknown GCP streams mode '{self.gcp_streams}'", f"choose {' or '.join(STREAM_MODES)}")
 
     @property
     def measure(self):
@@ -213,7 +221,8 @@ def _prune(run: _Run) -> None:
             finetune=Finetune(cfg.finetune_epochs, cfg.finetune_lr, 128, str(p.base) if cfg.distill else None,
                               threads=os.cpu_count()),
             options={"steps": cfg.gcp_steps, "iters": cfg.gcp_iters, "lam_factor": cfg.gcp_lam_factor,
-                     "lr": cfg.gcp_lr}, finetune_path=p.pruned, quiet=False)
+                     "lr": cfg.gcp_lr, "streams": cfg.gcp_streams}, min_keep=cfg.min_keep, finetune_path=p.pruned,
+            quiet=False)
         res.save(p.pruned)
         width_chart({"gcp-latency": _kept(res)}, cfg.out / "widths.png", title=f"{MODEL}: kept channels per group")
 

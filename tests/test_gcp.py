@@ -551,3 +551,30 @@ def test_device_correction_keeps_the_method_floors():
     kept, _, log = correct_to_measured(*args, target=0.6, tol=0.03, floors=width_floors(space, 0.2, "keep"))
     assert all(kept.widths[g] == space.full().widths[g] for g in streams)
     assert cost.fraction(kept) < res.cost_fraction  # it did remove channels, inside the blocks
+
+
+def test_a_removal_that_jumps_a_staircase_step_is_given_back_where_it_fits():
+    """The removal that crosses the budget can land a layer back on a fast kernel and undercut the
+    budget by far; the last removals that still fit are undone, and the cost stays within it."""
+    from hwprune.pruning.gcp import _give_back
+
+    space = make_space()
+    full = np.array([g.channels for g in space.groups])
+    a, b = (int(i) for i in np.argsort(full)[-2:])
+    assert space.groups[a].step == space.groups[b].step == 1 and full[a] % 8 == 0
+
+    class Jump:  # one channel per unit of cost; group a off a multiple of 8 costs 40 more
+        def total(self, W):
+            W = np.asarray(W)
+            return W.sum(axis=1) + 40.0 * (W[:, a] % 8 != 0)
+
+    groups = [b] * 4 + [a] * 8  # four removals from b, then eight from a: a lands back on a multiple
+    w = full.copy()
+    w[b] -= 4
+    w[a] -= 8
+    budget = float(Jump().total(w[None, :])[0]) + 5.0
+    kept = _give_back(space, Jump(), w, groups, budget)
+    assert kept == {0, 1, 2, 3}  # b's channels come back; any of a's would cost 41
+    w[b] += 4
+    assert float(Jump().total(w[None, :])[0]) <= budget
+    assert _give_back(space, Jump(), w, [], budget) == set()

@@ -12,7 +12,7 @@ from hwprune.pipeline import BASE_CK, SAMPLE, noisy_host_warning
 def test_assets_ship_with_the_package():
     ck = Checkpoint.load(BASE_CK)
     assert ck.arch == "cifar_resnet20" and not ck.widths
-    assert (SAMPLE / "train.tar.gz").stat().st_size < 8e6 and (SAMPLE / "test.tar.gz").stat().st_size < 1e6
+    assert (SAMPLE / "train.tar.gz").stat().st_size < 17e6 and (SAMPLE / "test.tar.gz").stat().st_size < 1e6
 
 
 def _tiny_sample(root):
@@ -67,3 +67,12 @@ def test_noisy_host_warning_is_one_line_when_the_host_was_busy():
     for s in (busy_profile, busy_validate):
         line = noisy_host_warning(s)
         assert line and "\n" not in line and "busy" in line
+
+
+@pytest.mark.parametrize("args, message", [(("--gcp-streams", "some"), "streams mode"),
+                                           (("--target", "0.99"), "target")])
+def test_bad_quickstart_settings_are_one_line_errors(tmp_path, args, message):
+    r = run_cli_here("quickstart", "--out", str(tmp_path / "qs"), *args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "qs").exists()  # refused before any work

@@ -7,7 +7,8 @@ Writes ``hwprune/assets/cifar_resnet20.pt`` (the baseline trained by `tools/trai
 re-saved with its test accuracy in the metadata) and ``hwprune/assets/cifar10-sample/``
 (``train.tar.gz``: the first N JPEGs of every class of the CIFAR-10 training tarball, for GCP
 and fine-tuning; ``test.tar.gz``: the same from the test tarball, for evaluation). The JPEGs are
-copied byte for byte (about 320 bytes each), so the sample is a few MB. Deterministic.
+copied byte for byte (about 320 bytes each): the whole training set (5,000 per class, the default) is
+16 MB. Deterministic.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-jpg")
-    ap.add_argument("--train-per-class", type=int, default=2000)
+    ap.add_argument("--train-per-class", type=int, default=5000)
     ap.add_argument("--test-per-class", type=int, default=200)
     a = ap.parse_args()
 

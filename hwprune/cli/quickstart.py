@@ -30,6 +30,10 @@ def quickstart(
                                  help="Fine-tune against the base model's outputs."),
     gcp_iters: int = typer.Option(QuickstartConfig.gcp_iters, "--gcp-iters", min=1, help="GCP iterations per regularise/recover phase."),
     gcp_steps: int = typer.Option(QuickstartConfig.gcp_steps, "--gcp-steps", min=1, help="GCP regularise/prune/recover rounds."),
+    gcp_streams: str = typer.Option(QuickstartConfig.gcp_streams, "--gcp-streams",
+                                    help="keep: the residual streams stay whole; prune: they compete with every group."),
+    min_keep: float = typer.Option(QuickstartConfig.min_keep, "--min-keep", min=0.01, max=1.0,
+                                   help="Every pruned group keeps at least this fraction of its channels."),
     threads: int = typer.Option(
         1, "--threads", min=1,
         help="Intra-op threads of every step. 1 by default: on shared hosts 1-thread timings repeat far better "
@@ -42,7 +46,7 @@ def quickstart(
     data: Path = typer.Option(
         SAMPLE, "--data",
         help="32x32 CIFAR-10 images to evaluate and fine-tune on, laid out as for hwprune train (default: the "
-             "shipped sample of 20,000 training and 2,000 test images).", show_default=False),
+             "shipped CIFAR-10 training set of 50,000 images and a 2,000-image test sample).", show_default=False),
     quick: bool = typer.Option(
         False, "--quick",
         help="Short measurements in every step and one validation session per configuration: a smoke test "
@@ -52,7 +56,8 @@ def quickstart(
     """Profile this CPU, fit and validate the predictor, prune the shipped ResNet-20 to 0.65 of its
     measured latency with GCP-lambda, distil it from the base, verify it, and write a report. Offline."""
     cfg = QuickstartConfig(out=out, target=target, configs=configs, samples=samples, finetune_epochs=finetune_epochs,
-                           distill=distill, gcp_iters=gcp_iters, gcp_steps=gcp_steps, threads=threads, gate_budget_s=gate_budget,
+                           distill=distill, gcp_iters=gcp_iters, gcp_steps=gcp_steps, gcp_streams=gcp_streams,
+                           min_keep=min_keep, threads=threads, gate_budget_s=gate_budget,
                            data=data, quick=quick, force=force)
     summary = run_quickstart(cfg, echo=lambda line: console.print(f"\n[bold cyan]{line}[/]", highlight=False))
     _print_summary(summary, target, Path(summary["report"]))
