@@ -120,7 +120,6 @@ def tuning_split(sample: Path, cifar: Path, out: Path, per_class: int = 200, tra
 def inner_half(base: Path, data: Path, table: Path, out: Path) -> dict:
     """The hand-set reference: every inner convolution of each block halved, the residual streams
     whole, the L1-largest channels kept; not fine-tuned; its checkpoint at ``out``."""
-    from hwprune.models import ModelSpec
     from hwprune.prediction.artifact import predictor_for
     from hwprune.pruning.importance import channel_importance, keep_indices
     from hwprune.pruning.space import PruningSpace, WidthConfig
@@ -132,9 +131,7 @@ def inner_half(base: Path, data: Path, table: Path, out: Path) -> dict:
     space = PruningSpace(spec.module, (1, *spec.input_size), name=spec.name)
     full = {g.id: g.channels for g in space.groups}
     widths = WidthConfig(spec.name, {g: c // 2 if g.endswith(".conv1") else c for g, c in full.items()})
-    keep = keep_indices(channel_importance(space, criterion="l1"), widths, space)
-    small = ModelSpec(spec.name, space.apply(widths, keep=keep), spec.input_size, spec.num_classes)
-    Checkpoint.from_model(small, widths=dict(widths.widths), meta=dict(ck.meta)).save(out)
+    _from_base(base, widths, keep_indices(channel_importance(space, criterion="l1"), widths, space), ck.meta, out)
     pred = predictor_for(table)
     p, p0 = pred.predict(spec.name, [widths, WidthConfig(spec.name, full)])
     return {"gcp": {"method": "inner-half"}, "cost_fraction": float(p / p0), "predicted_ms": float(p),

@@ -434,7 +434,7 @@ class LatencyPredictor(BaseEstimator):
             lo, hi = self.ranges_[kind]
             off = ((F < lo - 1e-9) | (F > hi + 1e-9)).any(axis=1)
             extras[:, cols] = ex[inverse].reshape(n, len(cols))
-            out[:, cols] = (kernel[inverse] + ex[inverse]).reshape(n, len(cols))
+            out[:, cols] = kernel[inverse].reshape(n, len(cols)) + extras[:, cols]
             outside[:, cols] = off[inverse].reshape(n, len(cols))
         return out, cin, cout, outside, extras
 
