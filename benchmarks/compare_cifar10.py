@@ -12,7 +12,12 @@ batch 1, 1 thread; the same goal calibration and device correction for every met
 fine-tunes the pruned model with the same recipe and budget for every method, GCP's own
 training epochs counted against its budget, and evaluates it once on the test set. The
 1-thread batch-1 table is profiled on this host first unless ``--table`` is given. Finished
-rows are kept in the results file and skipped on a re-run, so the script resumes.
+rows are kept in the results file and skipped on a re-run, and a row's pruned checkpoint and
+fine-tuning state (``<row>.pruned.pt``, ``<row>.state.pt``) are reused, so the script resumes
+mid-row. Run it in the background with its process group recorded, to pause it around timings:
+
+    nohup setsid nice -n 10 python benchmarks/compare_cifar10.py ... > /tmp/compare.log 2>&1 &
+    echo $! > benchmarks/checkpoints/compare_cifar10/run.pid   # kill -STOP/-CONT -- -$(cat ...)
 
 Results: ``benchmarks/results/compare_cifar10.{json,md}``, ``compare_cifar10_pareto.png`` (top-1
 against measured latency, every method, the Pareto front) and
@@ -78,7 +83,7 @@ def table_for(a) -> Path:
         return a.table
     import hwprune
 
-    path = ROOT / "runs" / "compare_cifar10" / f"{a.model}-t1-b1.parquet"
+    path = a.checkpoints / f"{a.model}-t1-b1.parquet"  # kept with the rows it was used for
     if not path.exists() or not hwprune.LatencyTable.load(path).complete:
         path.parent.mkdir(parents=True, exist_ok=True)
         hwprune.profile(a.model, path, threads=1, configs=60, resume=path.exists())
@@ -103,14 +108,46 @@ def method_epochs(meta: dict, train_images: int, batch: int = 128) -> float:
 
 
 def run_one(a, table: Path, label: str, target: float, seed: int) -> dict:
-    """Prune, fine-tune within the budget, evaluate once: one results row."""
-    import torch
-
+    """Prune (or reuse this row's pruned checkpoint), fine-tune within the budget (resuming an
+    interrupted fine-tuning from its state file), evaluate once: one results row."""
     from hwprune.training.checkpoint import Checkpoint
     from hwprune.training.data import load_splits
-    from hwprune.pruning.target import DeviceOptions, prune_to_target
     from hwprune.training.train import TrainConfig, evaluate, train
 
+    ck = a.checkpoints / f"{a.model}_{label}_{target:g}_s{seed}.pt"
+    start, prune_s = prune_row(a, table, label, target, seed, ck)
+    pruned = Checkpoint.load(start)
+    meta = pruned.meta
+    splits = load_splits(a.data)
+    inside = method_epochs({**meta, "gcp_iters": a.iters}, len(splits.train), a.batch)
+    epochs = max(1, a.finetune_epochs - math.ceil(inside))
+    cfg = TrainConfig(epochs=epochs, lr=a.lr, batch_size=a.batch, seed=seed,
+                      teacher=str(a.base) if a.distill else None)
+    train(pruned, splits, cfg, ck, resume=True, progress=True)
+    tuned = Checkpoint.load(ck)
+    top1 = evaluate(tuned.build_model().module, splits.test)["top1"]
+    base = Checkpoint.load(a.base)
+    return {"model": a.model, "method": label, "objective": VARIANTS[label][1], "target": target, "seed": seed,
+            "base_ms": meta["base_measured_ms"], "measured_ms": meta["measured_ms"],
+            "speedup": meta["measured_speedup"], "flops": meta["flops"], "params": meta["params"],
+            "base_top1": base.meta.get("accuracy", {}).get("top1"), "top1": top1,
+            "finetune_epochs": epochs, "method_epochs": round(inside, 2), "checkpoint": _rel(ck),
+            "prune_seconds": round(prune_s, 1), "method_widths": meta.get("method_widths"),
+            "widths": pruned.widths, "device_correction": meta.get("device_correction"),
+            "gcp_history": meta.get("gcp_history")}
+
+
+def prune_row(a, table: Path, label: str, target: float, seed: int, ck: Path) -> tuple[Path, float]:
+    """(pruned checkpoint, seconds the method took): this row's ``.pruned.pt`` when an earlier run
+    wrote it, else a fresh :func:`hwprune.prune_to_target` at the measured target."""
+    import torch
+
+    from hwprune.atomic import atomic_write_text
+    from hwprune.pruning.target import DeviceOptions, prune_to_target
+
+    start, timing = ck.with_name(ck.stem + ".pruned.pt"), ck.with_name(ck.stem + ".pruned.json")
+    if start.exists() and timing.exists():
+        return start, json.loads(timing.read_text())["prune_seconds"]
     method, objective, meet = VARIANTS[label]
     torch.manual_seed(seed)
     options = {"steps": a.steps, "iters": a.iters}
@@ -125,27 +162,10 @@ def run_one(a, table: Path, label: str, target: float, seed: int) -> dict:
                           options=options, quiet=False,
                           device=DeviceOptions(patience_s=0 if a.quick else 180, quick=a.quick))
     prune_s = time.perf_counter() - t0
-    meta = res.checkpoint.meta
-    splits = load_splits(a.data)
-    inside = method_epochs({**meta, "gcp_iters": a.iters}, len(splits.train), a.batch)
-    epochs = max(1, a.finetune_epochs - math.ceil(inside))
-    ck = a.checkpoints / f"{a.model}_{label}_{target:g}_s{seed}.pt"
     ck.parent.mkdir(parents=True, exist_ok=True)
-    start = res.save(ck.with_name(ck.stem + ".pruned.pt"))
-    cfg = TrainConfig(epochs=epochs, lr=a.lr, batch_size=a.batch, seed=seed,
-                      teacher=str(a.base) if a.distill else None)
-    train(Checkpoint.load(start), splits, cfg, ck, progress=True)
-    tuned = Checkpoint.load(ck)
-    top1 = evaluate(tuned.build_model().module, splits.test)["top1"]
-    base = Checkpoint.load(a.base)
-    return {"model": a.model, "method": label, "objective": objective, "target": target, "seed": seed,
-            "base_ms": meta["base_measured_ms"], "measured_ms": meta["measured_ms"],
-            "speedup": meta["measured_speedup"], "flops": meta["flops"], "params": meta["params"],
-            "base_top1": base.meta.get("accuracy", {}).get("top1"), "top1": top1,
-            "finetune_epochs": epochs, "method_epochs": round(inside, 2), "checkpoint": _rel(ck),
-            "prune_seconds": round(prune_s, 1), "method_widths": meta.get("method_widths"),
-            "widths": res.widths.widths, "device_correction": meta.get("device_correction"),
-            "gcp_history": meta.get("gcp_history")}
+    res.save(start)
+    atomic_write_text(timing, json.dumps({"prune_seconds": prune_s}))
+    return start, prune_s
 
 
 def _rel(path: Path) -> str:

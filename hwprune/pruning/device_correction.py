@@ -133,8 +133,10 @@ def _prune_units(space: PruningSpace, cost: CostBase, alive: dict[str, np.ndarra
 
 def _restore_units(space: PruningSpace, cost: CostBase, alive: dict[str, np.ndarray], prior: dict[str, np.ndarray],
                    goal: float, base_cost: float) -> None:
-    """Give back removed units, most mean ``prior`` per unit of cost first (:func:`_add_back_cost`), while
-    the cost stays at most ``goal`` of ``base_cost``."""
+    """Give back removed units, most mean ``prior`` per unit of cost first (:func:`_add_back_cost`), each
+    one that keeps the cost at most ``goal`` of ``base_cost``. A unit that would pass the goal is skipped,
+    not the end: on a latency staircase one channel can cost a step (a width off the blocked kernels'
+    multiple) while the next candidates of other groups still fit."""
     unit = _add_back_cost(cost, _widths_of(space, alive))
     values = {g.id: -_unit_scores(g, prior[g.id]) / unit[g.id] for g in space.groups}
     for _, gi, u in _unit_candidates(space, alive, values, live=False):
@@ -142,7 +144,6 @@ def _restore_units(space: PruningSpace, cost: CostBase, alive: dict[str, np.ndar
         alive[g.id][g.units()[u]] = True
         if cost.total([_widths_of(space, alive)])[0] / base_cost > goal:
             alive[g.id][g.units()[u]] = False
-            break
 
 
 def _read(measure, cfg: WidthConfig, kept: dict[str, list[int]], target_ms: float, overlap: float,
@@ -158,7 +159,8 @@ def _read(measure, cfg: WidthConfig, kept: dict[str, list[int]], target_ms: floa
 
 
 def _choose(log: list[dict], steer: MeasuredTarget, tries: list[tuple[float, object]]) -> object:
-    """The try to keep: the slowest that met the target on a decided interval; else the narrowest of the
+    """The try to keep: of those that met the target on a decided interval, the widest by predicted cost
+    (:class:`MeasuredTarget`); else the narrowest of the
     ambiguous ones (the safe side), saying so in its entry; else the steering's choice (the last)."""
     if steer.best is not None:
         return steer.best[1]
@@ -196,8 +198,8 @@ def correct_to_measured(space: PruningSpace, cost: CostBase, widths: WidthConfig
     over the target, bisected between them) and units (one channel, or one position in every conv
     group of a grouped group) are removed (lowest mean score first, no group below ``min_keep`` of
     its channels, or below its width in ``floors`` where the method set its own floors) or given back (highest mean prior per unit of cost first, see
-    :func:`_add_back_cost`), then the model is measured again. Of all tries the slowest that met
-    the target on a decided interval is kept, else the narrowest ambiguous one (see the module's
+    :func:`_add_back_cost`), then the model is measured again. Of all tries that met the target on a
+    decided interval the one with the largest predicted cost is kept, else the narrowest ambiguous one (see the module's
     docstring). Returns the widths, the surviving channels and one log entry per configuration.
     """
     prior = scores if prior is None else prior

@@ -145,15 +145,18 @@ class MeasuredTarget:
     """Steers a predicted-cost goal until a measured latency ratio lands in ``[target - tol, target]``.
 
     Latency is a staircase, not a line: the next goal scales the last one by the miss until one
-    goal has landed under and one over the target, then bisects between them. Of all tries, the
-    slowest one that met the target is kept (else the last one).
+    goal has landed under and one over the target, then bisects between them. Of all tries that
+    met the target, the one with the largest predicted fraction is kept (the measured ratio breaks
+    ties), else the last one: between two configurations that both measured under the target, a
+    noisy host can make the wider one measure faster, and the cost model orders them more
+    reliably than two readings a few per cent apart.
     """
 
     def __init__(self, target: float, tol: float = 0.03):
         self.target, self.tol = target, tol
         self.lo: float | None = None  # largest predicted fraction measured under the target
         self.hi: float | None = None  # smallest predicted fraction measured over it
-        self.best: tuple[float, object] | None = None  # (ratio, state) of the slowest try that met it
+        self.best: tuple[tuple[float, float], object] | None = None  # ((fraction, ratio), state) of the kept try
         self.last: object = None
 
     def record(self, fraction: float, ratio: float, state: object) -> bool:
@@ -161,8 +164,8 @@ class MeasuredTarget:
         self.last = state
         if ratio <= self.target:
             self.lo = fraction if self.lo is None else max(self.lo, fraction)
-            if self.best is None or ratio > self.best[0]:
-                self.best = (ratio, state)
+            if self.best is None or (fraction, ratio) > self.best[0]:
+                self.best = ((fraction, ratio), state)
         else:
             self.hi = fraction if self.hi is None else min(self.hi, fraction)
         return self.target - self.tol <= ratio <= self.target
