@@ -1,11 +1,16 @@
 """Summarise the baseline training runs of ``tools/train_baselines.sh``.
 
-Reads ``runs/baselines/<model>.log.jsonl`` (and ``<model>.pt`` once a run has finished)
+Reads ``runs/baselines/<model>.log.jsonl`` or ``<runs>/<model>/<model>.log.jsonl`` (and
+``<model>.pt`` once a run has finished)
 and writes ``benchmarks/results/baselines.json`` and ``baselines.md``: accuracy, epochs,
 training wall time and the machine it ran on. Unfinished runs are listed with their
 latest test accuracy.
 
     python benchmarks/train_baselines.py [--runs runs/baselines] [--out benchmarks/results]
+    python benchmarks/train_baselines.py --runs benchmarks/checkpoints/baselines180
+
+The train time sums the logged epochs, so an epoch that ran while the training was paused
+(``kill -STOP``) counts its paused time; the median seconds per epoch does not.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def cpu_name() -> str:
 
 
 def summarise(runs: Path, model: str) -> dict | None:
+    if (runs / model).is_dir():  # one folder per model (benchmarks/checkpoints/baselines180/<model>/)
+        runs = runs / model
     log = runs / f"{model}.log.jsonl"
     if not log.exists():
         return None

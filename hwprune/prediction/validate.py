@@ -167,7 +167,8 @@ def metrics_of(pred: np.ndarray, meas: np.ndarray) -> dict:
     from scipy.stats import spearmanr
 
     err = pred / meas - 1
-    rho = float(spearmanr(pred, meas).statistic) if len(pred) > 2 else float("nan")
+    ranked = len(pred) > 2 and np.ptp(pred) > 0 and np.ptp(meas) > 0  # a constant side has no ranks
+    rho = float(spearmanr(pred, meas).statistic) if ranked else np.nan  # one nan object: results compare equal
     return {"n": len(pred), "within_5pct": float(np.mean(np.abs(err) <= 0.05)),
             "within_10pct": float(np.mean(np.abs(err) <= 0.10)), "rmspe": float(np.sqrt(np.mean(err ** 2))),
             "spearman": rho}
