@@ -56,7 +56,7 @@ class QuickstartConfig:
     gcp_steps: int = 4  # GCP rounds
     gcp_lam_factor: float = 0.3  # GCP's lambda in units of lambda_0 (hwprune.pruning.gcp)
     gcp_lr: float = 0.01
-    gcp_streams: str = "prune"  # "keep": the residual streams stay whole, only the blocks' insides are pruned
+    gcp_streams: str = "keep"  # the residual streams stay whole, only the blocks' insides are pruned ("prune": both)
     min_keep: float = 0.2  # every other group keeps at least this fraction of its channels
     threads: int = 1
     gate_budget_s: float = 90.0

@@ -258,6 +258,28 @@ def test_channel_costs_survive_a_staircase_where_one_channel_costs_time():
     assert vals.max() < 100  # not the 1e12 that zeroed every mask
 
 
+def test_channel_costs_reach_the_next_step_of_a_16_channel_staircase():
+    """With 16-channel kernel blocks (AVX-512), removing 1 or 8 channels from a wide group saves
+    nothing; its cost is the per-channel saving of reaching the next block, not the floor."""
+    from hwprune.pruning.gcp import _channel_costs
+    from hwprune.pruning.objectives import _Base
+
+    space = make_space()
+
+    class Blocks16(_Base):  # a layer's time follows its channels rounded up to a block of 16
+        def total(self, configs):
+            W = self._matrix(configs)
+            return (16 * np.ceil(W / 16)).sum(axis=1).astype(float)
+
+    cost = Blocks16(space)
+    full = space.full().widths
+    wide = [g.id for g in space.groups if full[g.id] >= 32]
+    assert wide and all(cost.marginal(space.full(), 8)[g] == 0 for g in wide)  # 8 fewer: no saving
+    costs = _channel_costs(space, cost, space.full())
+    # every channel of a wide group saves one unit when its block goes: all wide groups cost alike
+    assert np.allclose([costs[g] for g in wide], costs[wide[0]]) and costs[wide[0]] > 0.5
+
+
 def test_recover_modes_train_the_convolutions_only_when_asked():
     import pytest
 

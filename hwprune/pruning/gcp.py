@@ -285,22 +285,32 @@ def _cycle(batches: Batches) -> Iterator:
         yield from batches()
 
 
-HW_STEP = 8  # channels removed at once when probing a staircase-shaped (latency) cost
+#: channels removed at once when probing a staircase-shaped (latency) cost, besides one unit: the
+#: widths of the blocks that runtimes' blocked kernels use (NCHW8c with AVX2, NCHW16c with AVX-512) and twice that
+HW_STEP, HW_STEPS = 8, (16, 32)
 
 
 def _channel_costs(space: PruningSpace, cost: CostBase, widths: WidthConfig) -> dict[str, float]:
     """Cost of one channel of each group at ``widths``, normalised to mean 1.
 
-    Latency is a staircase: at a full width of 16, removing one channel can make a layer
-    *slower* (it leaves the blocked NCHWc kernel), so the one-channel marginal cost is
-    often zero or negative. Each group's per-channel cost is therefore the larger of the
-    per-channel savings of removing one unit and of removing ``HW_STEP`` channels (both
-    rounded up to a multiple of the group's step, :func:`_unit_step`); values that stay
+    Latency is a staircase: at a full width of 64, removing one channel can make a layer
+    *slower* (it leaves the blocked NCHWc kernel), and with 16-channel blocks removing 8 saves
+    nothing either, so a one-step marginal cost is often zero or negative. Each group's
+    per-channel cost is therefore the largest per-channel saving of removing one unit, of
+    removing ``HW_STEP`` channels, and of removing each of ``HW_STEPS`` where that keeps at
+    least half of the group's channels (all rounded up to a multiple of the group's step,
+    :func:`_unit_step`): the slope to the next step of the staircase. Values that stay
     non-positive get a tenth of the smallest positive cost (all 1 if none is).
     """
-    m1, mk = _saving(space, cost, widths, 1), _saving(space, cost, widths, HW_STEP)
     ids = [g.id for g in space.groups]
-    vals = np.array([max(m1[gid], mk[gid]) for gid in ids], dtype=np.float64)
+    m1, mk = _saving(space, cost, widths, 1), _saving(space, cost, widths, HW_STEP)
+    best = {gid: max(m1[gid], mk[gid]) for gid in ids}
+    for n in HW_STEPS:
+        sv = _saving(space, cost, widths, n)
+        for g in space.groups:
+            if 2 * _unit_step(g, n) <= widths.widths[g.id]:
+                best[g.id] = max(best[g.id], sv[g.id])
+    vals = np.array([best[gid] for gid in ids], dtype=np.float64)
     pos = vals[vals > 0]
     if len(pos) == 0:
         return {g: 1.0 for g in ids}
