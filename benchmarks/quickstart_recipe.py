@@ -46,6 +46,8 @@ GCP_SETTINGS = {  # label: GCP options (the quickstart's 4 rounds of 30 iteratio
     "lam0.3": {"lam_factor": 0.3, "lr": 0.01},
     "lam1": {"lam_factor": 1.0, "lr": 0.01},
     "lam0.3-keep": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep"},  # residual streams whole
+    "lam0.1-keep": {"lam_factor": 0.1, "lr": 0.01, "streams": "keep"},
+    "lam1-keep": {"lam_factor": 1.0, "lr": 0.01, "streams": "keep"},
     # streams whole and every other group kept at 0.5 / 0.4 of its channels at least (--min-keep)
     "lam0.3-keep-floor0.5": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep", "min_keep": 0.5},
     "lam0.3-keep-floor0.4": {"lam_factor": 0.3, "lr": 0.01, "streams": "keep", "min_keep": 0.4},
