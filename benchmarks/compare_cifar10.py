@@ -47,9 +47,11 @@ VARIANTS = {  # row label: (registered method, objective, meet the latency targe
     "gcp-f": ("gcp", "flops", True),
     "gcp-p": ("gcp", "params", True),
     "gcp-lambda": ("gcp", "latency", False),
+    "gcp-lambda-keep": ("gcp", "latency", False),  # residual streams whole (GCP option streams=keep)
     "lstm": ("lstm", "latency", False),
     "search": ("search", "latency", False),
 }
+VARIANT_OPTIONS = {"gcp-lambda-keep": {"streams": "keep"}}  # method options a row label adds
 
 
 def args() -> argparse.Namespace:
@@ -150,7 +152,7 @@ def prune_row(a, table: Path, label: str, target: float, seed: int, ck: Path) ->
         return start, json.loads(timing.read_text())["prune_seconds"]
     method, objective, meet = VARIANTS[label]
     torch.manual_seed(seed)
-    options = {"steps": a.steps, "iters": a.iters}
+    options = {"steps": a.steps, "iters": a.iters, **VARIANT_OPTIONS.get(label, {})}
     if method == "lstm":  # its own seed, and its resumable state beside the row's checkpoint
         options.update(seed=seed, work_dir=str(a.checkpoints / f"{a.model}_{label}_{target:g}_s{seed}.lstm"))
     if method == "search":  # one supernet per model and seed, kept (and resumed) beside the checkpoints
