@@ -239,6 +239,7 @@ def test_bad_input_is_one_line_and_writes_nothing(source_files, source, space, m
          "has no option 'graph_optimization'"),
         (["--model", MODEL, "--bundle", str(tmp_path / "b"), "--bundle-results", str(tmp_path / "b")], "give one"),
         (["--model", MODEL, "--out", str(tmp_path / "x.parquet")], "both be written"),
+        (["--model", MODEL, "--samples", "3", "--backend", "tensorrt"], "backend 'tensorrt' is not available here"),
     ]
     for args, message in cases:
         given = args if "--out" in args else [*args, "--out", str(out)]

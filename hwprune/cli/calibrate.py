@@ -95,6 +95,8 @@ def calibrate(
         raise HwpruneError("no --out for the calibrated predictor", "give --out X.predictor.zip")
     if out is not None:
         cal.check_outputs(out, table_out)
+    if bundle is None and bundle_results is None:
+        _check_backend(backend, device)  # before the source predictor is loaded or fitted
     source = cal.load_source(predictor, table)
     if bundle is not None:
         return _write_bundle(source, _models(model), samples, seed, bundle, batch, threads)
@@ -104,6 +106,16 @@ def calibrate(
                                 {"graph_optimization": graph_optimization} if graph_optimization else {})))
     pred = cal.calibrate(source, runs)
     _print(_doc(pred, cal.save_calibration(pred, runs, out, table_out)), as_json)
+
+
+def _check_backend(backend: str, device: str) -> None:
+    """A one-line error when ``backend`` cannot run on ``device`` here."""
+    from hwprune.errors import BackendUnavailable
+    from hwprune.profiling.backends.base import get_backend_class
+
+    reason = get_backend_class(backend).unavailable_reason(device)
+    if reason:
+        raise BackendUnavailable(f"backend '{backend}' is not available here: {reason}")
 
 
 def _from_bundle(source, bundle: Path):
