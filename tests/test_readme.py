@@ -1,4 +1,4 @@
-"""Every hwprune command the README shows exists, with the options it shows."""
+"""Every hwprune command the README and the docs show exists, with the options it shows."""
 
 import re
 import shlex
@@ -9,12 +9,14 @@ from typer.testing import CliRunner
 
 from hwprune.cli import _register_commands, app
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
-def _commands() -> list[list[str]]:
-    """The ``hwprune ...`` command lines of the README's bash blocks (continuations joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+def _commands(*pages: Path) -> list[list[str]]:
+    """The ``hwprune ...`` command lines of the pages' bash blocks (continuations joined)."""
+    blocks = [b for page in pages for b in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)]
     out = []
     for block in blocks:
         text = re.sub(r"\\\n\s*", " ", block)
@@ -37,15 +39,17 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     return path, [a.split("=", 1)[0] for a in argv if a.startswith("--")]
 
 
-COMMANDS = _commands()
+COMMANDS = _commands(README)
+DOC_COMMANDS = _commands(*DOCS)
 
 
 def test_the_readme_shows_commands():
     assert len(COMMANDS) >= 15
     assert ["quickstart", "--out", "hwprune-quickstart"] in COMMANDS
+    assert any(c[:1] == ["prune"] for c in DOC_COMMANDS)  # docs/gcp.md's, at least
 
 
-@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c[:2]) for c in COMMANDS])
+@pytest.mark.parametrize("argv", COMMANDS + DOC_COMMANDS, ids=[" ".join(c[:2]) for c in COMMANDS + DOC_COMMANDS])
 def test_readme_command_exists_with_its_options(argv):
     _register_commands()
     path, options = _split(argv)
