@@ -9,8 +9,10 @@ Fine-tuning a pruned model is the same call with a checkpoint as input: its widt
 meta carry over.
 
 On a CPU with bfloat16 support (AVX-512 BF16 / AMX) training runs under
-``torch.autocast("cpu", dtype=torch.bfloat16)`` with channels-last tensors; on CUDA
-under automatic mixed precision (bf16 where supported, else fp16 with loss scaling).
+``torch.autocast("cpu", dtype=torch.bfloat16)``, in channels-last or NCHW tensors, whichever
+a short probe finds faster for the model (:mod:`hwprune.training.memory_format`: a pruned
+network's odd widths can make channels-last several times slower); on CUDA under automatic
+mixed precision (bf16 where supported, else fp16 with loss scaling) with channels-last.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hwprune.training.checkpoint import Checkpoint, atomic_torch_save, safe_torch_load
 from hwprune.training.data import BatchLoader, ImageDataset, Splits
+from hwprune.training.memory_format import fastest_format
 from hwprune.errors import HwpruneError
 from hwprune.models import ModelSpec
 
@@ -191,10 +194,10 @@ def _setup_loop(spec: ModelSpec, widths: dict | None, train_set: ImageDataset, c
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     amp_dtype = _amp_dtype(cfg.precision, device)
-    channels_last = amp_dtype is not None or device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = fastest_format(spec.module, spec.input_size, device, amp_dtype)
+    channels_last = memory_format == torch.channels_last
     net = spec.module.to(device=device, memory_format=memory_format)
-    teacher = _load_teacher(cfg, spec, device, memory_format)
+    teacher = _load_teacher(cfg, spec, device, amp_dtype)
 
     loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, drop_last=True,
                          device=device, channels_last=channels_last)
@@ -374,16 +377,28 @@ def _check_fit(spec: ModelSpec, train: ImageDataset) -> None:
                            f"{train.input_size[1]}x{train.input_size[2]}", hint="pass --image-size to resize the images")
 
 
-def _load_teacher(cfg: TrainConfig, spec: ModelSpec, device: torch.device, memory_format) -> torch.nn.Module | None:
+def _load_teacher(cfg: TrainConfig, spec: ModelSpec, device: torch.device, amp_dtype) -> torch.nn.Module | None:
+    """The frozen teacher, in the memory format it runs fastest in (its widths are not the student's)."""
     if not cfg.teacher:
         return None
     teacher = Checkpoint.load(cfg.teacher).build_model()
     if teacher.num_classes != spec.num_classes:
         raise HwpruneError(f"teacher {cfg.teacher} has {teacher.num_classes} classes, the student {spec.num_classes}")
-    module = teacher.module.to(device=device, memory_format=memory_format).eval()
-    for p in module.parameters():
+    for p in teacher.module.parameters():
         p.requires_grad_(False)
-    return module
+    fmt = fastest_format(teacher.module.eval(), spec.input_size, device, amp_dtype, train=False)
+    return _InFormat(teacher.module.to(device=device, memory_format=fmt), fmt).eval()
+
+
+class _InFormat(torch.nn.Module):
+    """``module`` fed its inputs in ``memory_format``, whatever layout the batches come in."""
+
+    def __init__(self, module: torch.nn.Module, memory_format: torch.memory_format):
+        super().__init__()
+        self.module, self.memory_format = module, memory_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=self.memory_format))
 
 
 @contextlib.contextmanager
