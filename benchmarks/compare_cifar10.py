@@ -132,7 +132,7 @@ def run_one(a, table: Path, label: str, target: float, seed: int) -> dict:
     return {"model": a.model, "method": label, "objective": VARIANTS[label][1], "target": target, "seed": seed,
             "base_ms": meta["base_measured_ms"], "measured_ms": meta["measured_ms"],
             "speedup": meta["measured_speedup"], "flops": meta["flops"], "params": meta["params"],
-            "base_top1": base.meta.get("accuracy", {}).get("top1"), "top1": top1,
+            "base_top1": base.meta.get("accuracy", {}).get("top1", base.meta.get("top1")), "top1": top1,
             "finetune_epochs": epochs, "method_epochs": round(inside, 2), "checkpoint": _rel(ck),
             "prune_seconds": round(prune_s, 1), "method_widths": meta.get("method_widths"),
             "widths": pruned.widths, "device_correction": meta.get("device_correction"),
