@@ -88,6 +88,7 @@ def calibrate(
 ) -> None:
     """Calibrate a fitted predictor for this device (or other settings) from a few end-to-end timings."""
     from hwprune.prediction import calibrate as cal
+    from hwprune.profiling.backends.base import get_backend_class
 
     if bundle is not None and bundle_results is not None:
         raise HwpruneError("--bundle writes a calibration bundle, --bundle-results reads one: give one of them")
@@ -96,7 +97,7 @@ def calibrate(
     if out is not None:
         cal.check_outputs(out, table_out)
     if bundle is None and bundle_results is None:
-        _check_backend(backend, device)  # before the source predictor is loaded or fitted
+        get_backend_class(backend).check_available(device)  # before the source predictor is loaded or fitted
     source = cal.load_source(predictor, table)
     if bundle is not None:
         return _write_bundle(source, _models(model), samples, seed, bundle, batch, threads)
@@ -106,16 +107,6 @@ def calibrate(
                                 {"graph_optimization": graph_optimization} if graph_optimization else {})))
     pred = cal.calibrate(source, runs)
     _print(_doc(pred, cal.save_calibration(pred, runs, out, table_out)), as_json)
-
-
-def _check_backend(backend: str, device: str) -> None:
-    """A one-line error when ``backend`` cannot run on ``device`` here."""
-    from hwprune.errors import BackendUnavailable
-    from hwprune.profiling.backends.base import get_backend_class
-
-    reason = get_backend_class(backend).unavailable_reason(device)
-    if reason:
-        raise BackendUnavailable(f"backend '{backend}' is not available here: {reason}")
 
 
 def _from_bundle(source, bundle: Path):

@@ -60,9 +60,7 @@ class Backend(abc.ABC):
 
     def __init__(self, *, threads: int | None = None, device: str = "cpu", precision: str = "fp32",
                  measure: MeasureConfig | None = None):
-        reason = self.unavailable_reason(device)
-        if reason:
-            raise BackendUnavailable(f"backend '{self.name}' is not available here: {reason}")
+        self.check_available(device)
         self.threads = threads
         self.device = device
         self.precision = precision
@@ -73,6 +71,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def unavailable_reason(cls, device: str = "cpu") -> str | None:
         """None when the backend can run on ``device`` here, else one line saying why not."""
+
+    @classmethod
+    def check_available(cls, device: str = "cpu") -> None:
+        """Raise :class:`BackendUnavailable` (one line) when the backend cannot run on ``device`` here."""
+        reason = cls.unavailable_reason(device)
+        if reason:
+            raise BackendUnavailable(f"backend '{cls.name}' is not available here: {reason}")
 
     @classmethod
     def version(cls) -> str:
