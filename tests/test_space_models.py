@@ -105,6 +105,30 @@ def test_validate_rejects_bad_configurations():
         space.validate(WidthConfig("resnet18", {"conv1": 3}))
 
 
+def test_width_array_matches_validate_and_rejects_what_it_rejects():
+    space = PruningSpace.from_name("cifar_resnet20")
+    rng = random.Random(3)
+    configs = [space.sample(rng) for _ in range(50)] + [{}, {"conv1": 8}, {"conv1": 8.0}, {"conv1": np.int64(4)}]
+    ids = [g.id for g in space.groups]
+    want = np.array([[space.validate(c).widths[i] for i in ids] for c in configs])
+    assert np.array_equal(space.width_array(configs), want)
+    for bad, msg in [({"layer9.conv": 3}, "unknown channel group"), ({"conv1": 0}, "between 1 and 16, got 0"),
+                     ({"conv1": 3.5}, "must be an integer"), ({"conv1": True}, "must be an integer"),
+                     (WidthConfig("resnet18", {"conv1": 3}), "is for model 'resnet18'")]:
+        with pytest.raises(HwpruneError, match=msg):
+            space.width_array(configs[:3] + [bad])
+
+
+def test_unique_rows_groups_equal_rows_and_keeps_distinct_ones():
+    from hwprune.prediction.predictor import FEATURE_NAMES, unique_rows
+
+    rng = np.random.default_rng(0)
+    F = rng.integers(0, 3, (400, len(FEATURE_NAMES))).astype(float)
+    F[200:] = F[:200]  # every row twice
+    U, inverse = unique_rows(F)
+    assert np.array_equal(U[inverse], F) and len(U) == len(np.unique(F, axis=0)) <= 200
+
+
 def test_width_config_json_round_trip(tmp_path):
     space = PruningSpace.from_name("cifar_resnet20")
     cfg = space.uniform(0.5)

@@ -21,7 +21,7 @@ class _Extras:
     def __init__(self, seed: int):
         from sklearn.ensemble import HistGradientBoostingRegressor
 
-        self.est = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, max_leaf_nodes=31,
+        self.est = HistGradientBoostingRegressor(max_iter=150, learning_rate=0.16, max_leaf_nodes=31,
                                                  min_samples_leaf=8, random_state=seed)
 
     def fit(self, X: np.ndarray, extra_ms: np.ndarray) -> "_Extras":

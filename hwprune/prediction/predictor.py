@@ -91,8 +91,10 @@ def unique_rows(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(F) < 2 or F.shape[1] != len(_ROW_HASH):
         return F, np.arange(len(F))
     _, first, inverse = np.unique(F @ _ROW_HASH, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
     U = F[first]
-    if not np.array_equal(U[inverse], F):
+    dup = np.flatnonzero(first[inverse] != np.arange(len(F)))  # rows standing in for another: check only those
+    if not np.array_equal(U[inverse[dup]], F[dup]):
         return F, np.arange(len(F))
     return U, inverse
 
@@ -120,7 +122,9 @@ def _candidates(seed: int) -> dict[str, object]:
                                              min_samples_leaf=4, l2_regularization=1e-3, random_state=seed),
         "hgb_deep": HistGradientBoostingRegressor(max_iter=600, learning_rate=0.05, max_leaf_nodes=63,
                                                   min_samples_leaf=2, random_state=seed),
-        "extra_trees": ExtraTreesRegressor(n_estimators=150, min_samples_leaf=1, n_jobs=1, random_state=seed),
+        # 50 trees: on the 2026-11-30 tables, 150 cut the held-out end-to-end error by 0.1 point
+        # (resnet50: 3.0% against 3.1%) for three times the prediction time
+        "extra_trees": ExtraTreesRegressor(n_estimators=50, min_samples_leaf=1, n_jobs=1, random_state=seed),
     }
 
 

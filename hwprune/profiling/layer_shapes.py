@@ -128,8 +128,7 @@ class ModelTemplate:
 
     def width_matrix(self, configs: Sequence[WidthConfig | Mapping[str, int]]) -> np.ndarray:
         """Validated widths as an [N, groups] integer matrix."""
-        rows = [[v.widths[g] for g in self.group_ids] for v in map(self.space.validate, configs)]
-        return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(self.group_ids))
+        return self.space.width_array(configs)
 
     def producer_channels(self, cin: np.ndarray) -> np.ndarray:
         """Input channels of each layer's first producer ([N, layers]; 0 for network inputs)."""

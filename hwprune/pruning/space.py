@@ -310,6 +310,33 @@ class PruningSpace:
         """Channel indices of group ``gid`` that are kept or removed together, one row per unit."""
         return self[gid].units()
 
+    def width_array(self, configs: Sequence[WidthConfig | Mapping[str, int]]) -> np.ndarray:
+        """[N, groups] integer widths of ``configs`` (groups in :attr:`groups` order, missing
+        ones at full width), checked all at once. Any configuration that fails the vectorised
+        checks is passed through :meth:`validate`, which names the problem in one line."""
+        configs = list(configs)
+        ids = [g.id for g in self.groups]
+        full = {g.id: g.channels for g in self.groups}
+        known = self._by_id.keys()
+        dicts = []
+        for cfg in configs:
+            w = cfg.widths if isinstance(cfg, WidthConfig) else cfg
+            if (isinstance(cfg, WidthConfig) and cfg.model and self.name != "model" and cfg.model != self.name) \
+                    or not known >= w.keys():
+                self.validate(cfg)  # raises
+            dicts.append(w)
+        rows = [[w.get(i, full[i]) for i in ids] for w in dicts]
+        arr = np.asarray(rows, dtype=object).reshape(len(rows), len(ids))
+        if arr.size and not set(map(type, arr.ravel())) <= {int}:  # numpy or float widths, bools
+            arr = np.asarray([[self.validate(c).widths[i] for i in ids] for c in configs], dtype=np.int64)
+        arr = arr.astype(np.int64).reshape(len(rows), len(ids))
+        channels = np.array([g.channels for g in self.groups], dtype=np.int64)
+        steps = np.array([g.step for g in self.groups], dtype=np.int64)
+        bad = ((arr < 1) | (arr > channels) | (arr % steps != 0)).any(axis=1)
+        for i in np.flatnonzero(bad)[:1]:
+            self.validate(configs[int(i)])  # raises with the group and the reason
+        return arr
+
     def validate(self, cfg: WidthConfig | Mapping[str, int], partial: bool = True) -> WidthConfig:
         """Check a configuration and fill missing groups with their full width."""
         if isinstance(cfg, WidthConfig):
@@ -331,7 +358,8 @@ class PruningSpace:
                 out[g.id] = g.channels
                 continue
             v = widths[g.id]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not float(v).is_integer():
                 raise HwpruneError(f"width of group '{g.id}' must be an integer, got {v!r}")
             v = int(v)
             g.check_width(v)
