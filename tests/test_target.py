@@ -92,6 +92,27 @@ def test_api_without_a_measured_target_prunes_to_the_cost(base):
     assert res.model.eval()(x).shape == (2, 10)
 
 
+def test_the_method_trains_on_the_fine_tuning_threads_and_they_are_restored(base, monkeypatch):
+    from hwprune.pruning.target import Finetune
+
+    seen = []
+    uniform = METHODS.get("uniform")
+    original = uniform.__call__
+
+    def recording(self, job, goal):
+        seen.append(torch.get_num_threads())
+        return original(self, job, goal)
+
+    monkeypatch.setattr(uniform, "__call__", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prune_to_target(base, "uniform", "flops", 0.5, finetune=Finetune(threads=2))
+        assert seen == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_api_refuses_bad_settings_before_any_work(base):
     with pytest.raises(HwpruneError, match="--recover 'most'"):
         prune_to_target(base, "gcp", "flops", 0.5, options={"recover": "most"})

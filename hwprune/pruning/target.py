@@ -23,6 +23,7 @@ are skipped and the method prunes to ``target`` of its objective's cost.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,23 @@ class Finetune:
     lr: float | None = None
     batch_size: int = 128
     teacher: str | None = None  # a checkpoint to distill from (e.g. the base)
-    threads: int | None = None  # torch threads while fine-tuning (None: as set)
+    #: torch threads while training: the fine-tuning and the method's own training (GCP's
+    #: rounds); measurements keep the threads they were set up with (None: as set)
+    threads: int | None = None
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads (as set when None), then restore them."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @dataclass
@@ -122,7 +139,8 @@ def prune_to_target(checkpoint: Checkpoint | str | Path, method: str, objective:
     meter = (_meter(pred.settings_, job.model, tuple(job.space.input_shape[1:]), device, table_estimator(table))
              if meet else None)
     try:
-        out, correction, calibration, base_ms = _prune_and_correct(job, pruner, target, meet, meter)
+        out, correction, calibration, base_ms = _prune_and_correct(job, pruner, target, meet, meter,
+                                                                   (finetune or Finetune()).threads)
         if round_hw:
             out = _round_hw(job, pred, out)
         meta = _meta(ck, parent, job, method, objective, target, out, pred, table, t0)
@@ -176,15 +194,18 @@ def _measured_goal(objective, target, latency_target, pred, device: DeviceOption
     return target if objective in ("latency", "throughput") else None
 
 
-def _prune_and_correct(job, pruner, target, meet, meter):
-    """Steps 1-3 of the loop: calibrate the goal, prune with the method, correct on the device."""
+def _prune_and_correct(job, pruner, target, meet, meter, threads: int | None = None):
+    """Steps 1-3 of the loop: calibrate the goal, prune with the method (its training on
+    ``threads``), correct on the device."""
     from hwprune.pruning.device_correction import correct_to_measured
 
     if meet is None:
-        return pruner(job, target), None, None, None
+        with torch_threads(threads):
+            return pruner(job, target), None, None, None
     base_ms = meter({}).reference_ms
     goal, calibration = calibrate_goal(job, target, meter, meet, base_ms)
-    out = pruner(job, goal)
+    with torch_threads(threads):
+        out = pruner(job, goal)
     out.info["method_widths"] = dict(out.widths.widths)
     out.info["goal"] = goal
     widths, keep, log = correct_to_measured(job.space, job.cost, out.widths, out.keep, out.scores, out.prior,
@@ -327,13 +348,8 @@ def _train(new: Checkpoint, splits, ft: Finetune, path: Path, quiet: bool) -> Ch
     if not start.exists():
         new.save(start)
     cfg = TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, teacher=ft.teacher, threads=ft.threads)
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(None):  # the measurements that follow run on the threads they had
         result = train(Checkpoint.load(start), splits, cfg, path, progress=not quiet)
-    finally:
-        torch.set_num_threads(threads)  # the measurements that follow run as before
     tuned = Checkpoint.load(result.checkpoint)
     start.unlink(missing_ok=True)
     result.state_path.unlink(missing_ok=True)  # finished: the resumable state is no longer needed
