@@ -173,6 +173,13 @@ def test_table_round_trip_and_mismatch(tmp_path):
                                             fingerprint={**meta.fingerprint, "cpu_model": "Cortex-A76"}))
     with pytest.raises(TableMismatch, match="cpu_model"):
         t.merge(foreign)
+    # the same marketing name on another generation: its vector extensions tell them apart
+    avx512 = {**meta.fingerprint, "cpu_flags": ["avx2", "avx512f"]}
+    with pytest.raises(TableMismatch, match="cpu_flags: table has \\['avx2', 'avx512f'\\], other has \\['avx2'\\]"):
+        LatencyTable([row], TableMeta(settings=dict(meta.settings), fingerprint=avx512)).check_settings(
+            {}, {**meta.fingerprint, "cpu_flags": ["avx2"]})
+    unflagged = {k: v for k, v in avx512.items() if k != "cpu_flags"}  # recorded without flags: not compared on them
+    assert LatencyTable([row], TableMeta(settings=dict(meta.settings), fingerprint=unflagged)).mismatch({}, avx512) is None
     assert len(t.merge(LatencyTable([row], TableMeta(settings=dict(meta.settings))))) == 2
     with pytest.raises(TableMismatch, match="batch"):
         t.check_settings({"batch": 8})

@@ -112,11 +112,15 @@ def fingerprint() -> dict:
     }
 
 
-#: Fingerprint fields that must agree for two tables to describe the same device.
-DEVICE_IDENTITY = ("cpu_model", "cpu_cores", "machine", "gpus")
+#: Fingerprint fields that must agree for two tables to describe the same device. The vector
+#: extensions are among them: two virtual CPUs that both report "AMD EPYC" ran one table's
+#: kernels on AVX-512 and the other's on AVX2, at different speeds and with different
+#: blocked-layout widths. (Fingerprints recorded without flags are not compared on them.)
+DEVICE_IDENTITY = ("cpu_model", "cpu_cores", "cpu_flags", "machine", "gpus")
 
 
 def device_identity(fp: dict) -> dict:
     ident = {k: fp.get(k) for k in DEVICE_IDENTITY}
     ident["gpus"] = [g.get("name") for g in (fp.get("gpus") or [])]
+    ident["cpu_flags"] = sorted(fp["cpu_flags"]) if fp.get("cpu_flags") is not None else None
     return ident

@@ -328,6 +328,8 @@ class LatencyTable:
         if fp is not None:
             mine, theirs = device_identity(self.meta.fingerprint), device_identity(fp)
             for k, v in mine.items():
+                if k == "cpu_flags" and (v is None or theirs.get(k) is None):
+                    continue  # one side recorded no flags
                 if theirs.get(k) != v:
                     return f"device {k}: table has {v!r}, other has {theirs.get(k)!r}"
         return None
