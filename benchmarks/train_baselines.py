@@ -84,8 +84,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "baselines.json").write_text(json.dumps({"machine": machine, "runs": rows}, indent=2) + "\n")
     lines = ["# CIFAR-10 baselines", "",
-             f"Trained on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
-             "with `tools/train_baselines.sh` (SGD + Nesterov, cosine, label smoothing 0.1, wd 5e-4, bf16 autocast). "
+             "Trained with `tools/train_baselines.sh` (SGD + Nesterov, cosine, label smoothing 0.1, wd 5e-4, bf16 "
+             "autocast where the CPU runs it fast, else fp32) on 2-core CPU VMs, resumed across machines from the "
+             f"committed state; summarised on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}. "
              "Test split: the 10,000 CIFAR-10 test images (JPEG re-encoded).", "",
              "| model | status | top-1 % | top-5 % | epochs | params | s/epoch | train time (h) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
