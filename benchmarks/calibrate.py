@@ -101,6 +101,7 @@ class Settings:
     results: Path = RESULTS
     work: Path = ROOT / "runs" / "calibrate"
     resume: bool = False
+    anchor: bool = True  # sessions anchored to the unpruned model (hwprune.prediction.calibrate.measure_configs)
 
     def measure(self):
         from hwprune.profiling.measure import MeasureConfig
@@ -143,7 +144,7 @@ def timed_increments(backend, space, configs, batch, ks, st: Settings):
     sessions, seconds, t, done = [], {}, 0.0, 0
     for k in sorted(ks):
         t0 = time.perf_counter()
-        sessions += measure_configs(backend, space, configs[done:k], batch, st.rounds)
+        sessions += measure_configs(backend, space, configs[done:k], batch, st.rounds, anchor=st.anchor)
         t += time.perf_counter() - t0
         seconds[k], done = t, k
     return sessions, seconds
@@ -180,7 +181,7 @@ def full_table(spec: TargetSpec, model: str, backend, st: Settings) -> tuple:
 
 def cell(spec: TargetSpec, model: str, st: Settings) -> dict:
     """Everything measured for one target and one model."""
-    from hwprune.prediction.calibrate import Measured, calibrate, measure_configs
+    from hwprune.prediction.calibrate import Measured, calibrate, measure_configs, renormalised
     from hwprune.prediction.calibration_plan import choose_configs
     from hwprune.profiling.fingerprint import fingerprint
 
@@ -189,9 +190,10 @@ def cell(spec: TargetSpec, model: str, st: Settings) -> dict:
     plan = choose_configs(space, source.predictor, max(st.ks), st.seed)
     fresh = fresh_configs(space, st.fresh, st.seed)
     t0 = time.perf_counter()
-    fresh_sessions = measure_configs(backend, space, fresh, spec.batch, st.rounds)
+    fresh_sessions = measure_configs(backend, space, fresh, spec.batch, st.rounds, anchor=st.anchor)
     fp = fingerprint()
     out = {"target": spec.name, "model": model, "date": time.strftime("%Y-%m-%d"), "machine": machine_line(fp),
+           "anchored": st.anchor,
            "fingerprint": fp, "fresh_measure_seconds": time.perf_counter() - t0,
            "source": scores(model, fresh, source.predictor.predict(model, [c for _, c in fresh]), fresh_sessions),
            "calibrated": {}}
@@ -199,7 +201,8 @@ def cell(spec: TargetSpec, model: str, st: Settings) -> dict:
     settings = {**backend.settings(), "batch": spec.batch, "input_size": source.input_size}
     for k in sorted(st.ks):
         t1 = time.perf_counter()
-        pred = calibrate(source, Measured(model, plan[:k], sessions[:k], settings, fingerprint(), seconds[k]))
+        own = renormalised(sessions[:k])  # to the host state of these K, as `hwprune calibrate --samples K` does
+        pred = calibrate(source, Measured(model, plan[:k], own, settings, fingerprint(), seconds[k]))
         fit_s = time.perf_counter() - t1
         out["calibrated"][str(k)] = {**scores(model, fresh, pred.predict(model, [c for _, c in fresh]), fresh_sessions),
                                      "seconds": seconds[k] + fit_s, "fit_seconds": fit_s,
@@ -248,8 +251,9 @@ def markdown(doc: dict) -> str:
         noise = (f"Measurements against themselves (one session vs the others): {100 * rep['within_5pct']:.0f}% "
                  f"within ±5%, {100 * rep['within_10pct']:.0f}% within ±10%." if rep else
                  "One session per configuration: no repeatability measured.")
-        where = f"Measured on {c.get('machine', doc.get('machine'))}, {c.get('date', doc.get('date'))}."
-        lines += [f"## {c['target']}: {c['model']}", "", f"{TARGETS.get(c['target'], CUDA).what}. {where} {noise}", "",
+        where = (f"Measured on {c.get('machine', doc.get('machine'))}, {c.get('date', doc.get('date'))}, sessions "
+                 + ("anchored to the unpruned model." if c.get("anchored") else "as timed (not anchored)."))
+        lines += [f"## {c['target']}: {c['model']}{', anchored' if c.get('anchored') else ''}", "", f"{TARGETS.get(c['target'], CUDA).what}. {where} {noise}", "",
                   "| predictor | within ±5% | within ±10% | RMSPE | Spearman | wall time (s) |",
                   "|---|---|---|---|---|---|", _row("source, uncorrected", c["source"], "-")]
         for k, d in c["calibrated"].items():
@@ -278,14 +282,14 @@ def run(models: list, specs: list, st: Settings, redo: bool = False) -> dict:
                 "command": " ".join(["python", "benchmarks/calibrate.py", *sys.argv[1:]]), "source": str(
                     (QUICK_SOURCE if st.quick else SOURCE_TABLES).relative_to(ROOT)), "fresh": st.fresh,
                 "rounds": st.rounds, "full_configs": st.full_configs, "ks": st.ks, "skipped": []})
-    done = {(c["target"], c["model"]) for c in doc["cells"]}
+    done = {(c["target"], c["model"], c.get("anchored", False)) for c in doc["cells"]}
     for spec in specs:
         why = spec.available()
         if why:
             doc["skipped"].append({"target": spec.name, "why": why})
             continue
         for model in models:
-            if (spec.name, model) in done:
+            if (spec.name, model, st.anchor) in done:
                 continue
             print(f"{spec.name} / {model} ...", file=sys.stderr, flush=True)
             doc["cells"].append(cell(spec, model, st))
@@ -308,11 +312,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="fresh sessions per configuration")
     ap.add_argument("--cuda", action="store_true", help="also PyTorch on CUDA (skipped without CUDA)")
     ap.add_argument("--redo", action="store_true", help="measure finished cells again")
+    ap.add_argument("--no-anchor", dest="anchor", action="store_false",
+                    help="time sessions as they come, without the unpruned model's probes between them")
     ap.add_argument("--resume", action="store_true", help="continue interrupted full-table profiles")
     ap.add_argument("--quick", action="store_true", help="smoke run (tiny K, few configurations, one model), "
                                                          "results in a temporary directory")
     args = ap.parse_args()
-    st = Settings(args.ks, args.fresh, args.full_configs, args.rounds, resume=args.resume)
+    st = Settings(args.ks, args.fresh, args.full_configs, args.rounds, resume=args.resume, anchor=args.anchor)
     models = args.models
     if args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="hwprune-calibrate-bench-"))

@@ -69,7 +69,8 @@ def scripted_device(src, space, monkeypatch, k, fail=None, seed=0):
         def timing(art):
             if fail:
                 raise RuntimeError(fail)
-            return float(device_ms(src, [plan[art.name.split("/")[1]]])[0])
+            cid = art.name.split("/")[1]  # "reference": the unpruned model the sessions are anchored to
+            return float(device_ms(src, [space.full() if cid == "reference" else plan[cid]])[0])
 
         script_e2e(be, timing)
         be.needs_onnx = lambda: False
@@ -97,6 +98,9 @@ def test_calibration_recovers_the_factors_of_a_scripted_device(source, space, mo
     scripted_device(source, space, monkeypatch, 12)
     run = cal.measure_here(source, MODEL, 12, cal.Target(threads=1), rounds=1)
     assert [len(s) for s in run.sessions][:2] == [3, 1]  # the unpruned model in REFERENCE_SESSIONS sessions
+    full_ms = float(device_ms(source, [space.full()])[0])  # a steady host: every anchor alike, nothing rescaled
+    assert all(m.state_ref_ms == pytest.approx(full_ms) and m.norm_factor == pytest.approx(1) for s in run.sessions
+               for m in s)
     pred = cal.calibrate(source, run)
     c = pred.corrections_[MODEL]
     for part in ("conv", "conv_nchw", "extras"):
@@ -109,6 +113,22 @@ def test_calibration_recovers_the_factors_of_a_scripted_device(source, space, mo
     assert total == pytest.approx(float(device_ms(source, fresh[:1])[0])) and sum(
         l.predicted_ms for l in layers) == pytest.approx(total)
     assert pred.settings_["threads"] == 1 and pred.source_settings_ == source.predictor.settings_
+
+
+def test_anchored_sessions_are_brought_to_the_hosts_fast_state():
+    from hwprune.profiling.measure import Measurement, Stats
+
+    def m(ms, ref=None):
+        return Measurement(Stats.from_samples([ms, ms]), state_ref_ms=ref)
+
+    # the host ran 1.5x slower through the second session of each configuration, its probes included
+    sessions = [[m(2.0, 1.0), m(3.0, 1.5)], [m(4.0, 1.0), m(6.0, 1.5)], [m(1.0, 1.0), m(1.5, 1.5)]]
+    out = cal.renormalised(sessions)
+    assert [x.value_ms for ss in out for x in ss] == pytest.approx([2, 2, 4, 4, 1, 1])
+    assert out[0][1].norm_factor == pytest.approx(1 / 1.5) and out[0][1].stats.min == pytest.approx(2)
+    again = cal.renormalised(out + [[m(9.0, 3.0)]])  # more sessions: all rescaled from their timed values
+    assert [x.value_ms for ss in again for x in ss] == pytest.approx([2, 2, 4, 4, 1, 1, 3])
+    assert cal.renormalised([[m(2.0)]])[0][0].value_ms == 2.0  # timed without a reference: as timed
 
 
 def test_shrinkage_keeps_a_single_ratio_device_at_one_ratio(source, space):

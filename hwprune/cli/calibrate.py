@@ -63,6 +63,7 @@ _HELP = {
     "table_out": "Where the measurements go (default: beside --out).",
     "bundle": "Write the configurations into a device bundle instead of measuring here.",
     "bundle_results": "Calibrate on a calibration bundle the device has run.",
+    "anchor": "Time the unpruned model between sessions and bring every session to the host's fast state.",
 }
 
 
@@ -78,6 +79,7 @@ def calibrate(
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Batch size (default: the source's)."),
     graph_optimization: Optional[str] = typer.Option(None, "--graph-optimization", help=_HELP["graph_optimization"]),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Fresh sessions per configuration."),
+    anchor: bool = typer.Option(True, "--anchor/--no-anchor", help=_HELP["anchor"]),
     seed: int = typer.Option(0, "--seed", help="Seed of the candidate configurations."),
     quick: bool = typer.Option(False, "--quick", help="Short measurements (smoke tests, not for results)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Calibrated predictor to write (X.predictor.zip)."),
@@ -102,7 +104,7 @@ def calibrate(
     if bundle is not None:
         return _write_bundle(source, _models(model), samples, seed, bundle, batch, threads)
     runs = (_from_bundle(source, bundle_results) if bundle_results is not None else
-            _measure(source, _models(model), samples, seed, rounds, quick, as_json,
+            _measure(source, _models(model), samples, seed, (rounds, anchor), quick, as_json,
                      cal.Target(backend, device, threads, batch,
                                 {"graph_optimization": graph_optimization} if graph_optimization else {})))
     pred = cal.calibrate(source, runs)
@@ -115,11 +117,13 @@ def _from_bundle(source, bundle: Path):
     return read_calibration_bundle(bundle, source)
 
 
-def _measure(source, names, samples, seed, rounds, quick, as_json, target):
+def _measure(source, names, samples, seed, sessions: tuple[int, bool], quick, as_json, target):
+    """Measure every model here: ``sessions`` is (rounds per configuration, whether anchored)."""
     from hwprune.prediction.calibrate import check_request, measure_here
     from hwprune.profiling.measure import MeasureConfig
     from hwprune.progress import item_progress
 
+    rounds, anchor = sessions
     for m in names:
         check_request(source, m, samples, rounds, target.batch)
     target.create()  # refuses an unavailable backend or an unknown option before any export
@@ -127,5 +131,5 @@ def _measure(source, names, samples, seed, rounds, quick, as_json, target):
     for m in names:
         with item_progress(f"calibrating {m} on {target.backend}", enabled=not as_json) as update:
             runs.append(measure_here(source, m, samples, target, seed, rounds,
-                                     MeasureConfig.quick() if quick else None, update))
+                                     MeasureConfig.quick() if quick else None, update, anchor=anchor))
     return runs

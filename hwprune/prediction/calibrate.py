@@ -26,7 +26,7 @@ import copy
 import hashlib
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -160,11 +160,23 @@ def _artifacts(backend, space: PruningSpace, configs, shape, directory: str) -> 
     return arts
 
 
+#: how far the reference may move around a session before its normalisation is doubted; the
+#: sessions whose reference lies within it of the fastest one set the host state (as a profile's)
+ANCHOR_TOLERANCE = 0.05
+
+
 def measure_configs(backend, space: PruningSpace, configs: Sequence[tuple[str, WidthConfig]], batch: int,
-                    rounds: int = 2, progress: ProgressFn | None = None) -> list[list]:
+                    rounds: int = 2, progress: ProgressFn | None = None, anchor: bool = True) -> list[list]:
     """Every configuration's fresh-session measurements on ``backend``: ``rounds`` sessions each
     (the unpruned model, id ``full``, at least :data:`REFERENCE_SESSIONS`), round-robin over
-    the configurations so that a slow spell of the host hits different ones in different rounds."""
+    the configurations so that a slow spell of the host hits different ones in different rounds.
+
+    With ``anchor`` (the default) a short probe of the unpruned model runs between consecutive
+    sessions, as a profile's reference windows do (:mod:`hwprune.profiling.host_state`), and each
+    session is normalised to the host's fast state: scaled by the fast-state reference
+    (:func:`~hwprune.profiling.measure.fast_state_reference` of the sessions' references) over
+    its own reference, the mean of the probes before and after it. A host whose speed swings
+    between sessions then calibrates to one state of it instead of a mixture."""
     import torch
 
     from hwprune.profiling.measure import REFERENCE_SESSIONS
@@ -178,18 +190,63 @@ def measure_configs(backend, space: PruningSpace, configs: Sequence[tuple[str, W
     try:
         with tempfile.TemporaryDirectory(prefix="hwprune-calibrate-") as d:
             arts = _artifacts(backend, space, configs, (batch, *space.input_shape[1:]), d)
+            probe = _Probe(backend, space, batch, d) if anchor else None
             for r in range(max(want)):
                 for k, art in enumerate(arts):
                     if r < want[k]:
                         if progress:
                             progress(art.name, done, total)
-                        sessions[k].append(_measure_session(backend, art))
+                        before = probe.last() if probe else None
+                        m = _measure_session(backend, art)
+                        if probe:
+                            m = replace(m, state_ref_ms=(before + probe.next()) / 2)
+                        sessions[k].append(m)
                         done += 1
     finally:
         torch.set_num_threads(threads)
     if progress:
         progress("", total, total)
-    return sessions
+    return renormalised(sessions) if anchor else sessions
+
+
+class _Probe:
+    """The unpruned model's reference timings between sessions: each probe ends one session's
+    window and opens the next one's."""
+
+    def __init__(self, backend, space: PruningSpace, batch: int, directory: str):
+        from hwprune.profiling.host_state import HostProbe
+
+        self.space, self.backend, self.host = space, backend, HostProbe(backend, batch, directory)
+        self._last: float | None = None
+
+    def next(self) -> float:
+        try:
+            self._last = self.host(self.space.name, self.space)
+        except HwpruneError:
+            raise
+        except Exception as e:  # as for the sessions themselves: one line
+            detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else "no detail"
+            raise HwpruneError(f"measuring the unpruned {self.space.name} (the sessions' anchor) failed on "
+                               f"{self.backend.name}: {type(e).__name__}: {detail}",
+                               "check that this backend runs the model here (hwprune devices)") from None
+        return self._last
+
+    def last(self) -> float:
+        return self._last if self._last is not None else self.next()
+
+
+def renormalised(sessions: list[list]) -> list[list]:
+    """Sessions (per configuration, as :func:`measure_configs` returns them) scaled to one host
+    state: the fast-state reference of all their references. Measurements of several calls
+    are brought to a common state this way; sessions timed without a reference stay as timed."""
+    from hwprune.profiling.measure import fast_state_reference
+
+    refs = [m.state_ref_ms for ss in sessions for m in ss if m.state_ref_ms]
+    if not refs:
+        return sessions
+    fast = fast_state_reference(refs, ANCHOR_TOLERANCE)
+    return [[m.scaled(fast / m.state_ref_ms / m.norm_factor) if m.state_ref_ms else m for m in ss]
+            for ss in sessions]
 
 
 def check_request(source: Source, model: str, samples: int, rounds: int = 1, batch: int | None = None) -> None:
@@ -207,8 +264,9 @@ def check_request(source: Source, model: str, samples: int, rounds: int = 1, bat
 
 
 def measure_here(source: Source, model: str, samples: int, target: Target = Target(), seed: int = 0,
-                 rounds: int = 2, measure=None, progress: ProgressFn | None = None) -> Measured:
-    """Choose ``samples`` configurations of ``model`` and time them on this machine with ``target``."""
+                 rounds: int = 2, measure=None, progress: ProgressFn | None = None, anchor: bool = True) -> Measured:
+    """Choose ``samples`` configurations of ``model`` and time them on this machine with ``target``
+    (anchored to the unpruned model's timings between sessions: :func:`measure_configs`)."""
     from hwprune.prediction.calibration_plan import choose_configs
     from hwprune.profiling.fingerprint import fingerprint
     from hwprune.profiling.measure import MeasureConfig
@@ -219,7 +277,7 @@ def measure_here(source: Source, model: str, samples: int, target: Target = Targ
     configs = choose_configs(space, source.predictor, samples, seed)
     batch = int(target.batch or source.predictor.settings_.get("batch") or 1)
     t0 = time.perf_counter()
-    sessions = measure_configs(backend, space, configs, batch, rounds, progress)
+    sessions = measure_configs(backend, space, configs, batch, rounds, progress, anchor)
     settings = {**backend.settings(), "batch": batch, "input_size": source.input_size}
     return Measured(model, configs, sessions, settings, fingerprint(), time.perf_counter() - t0,
                     (batch, *space.input_shape[1:]))

@@ -246,6 +246,12 @@ class Stats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def scaled(self, factor: float) -> "Stats":
+        """The same window with every time multiplied by ``factor`` (a host-state normalisation);
+        the relative spreads stay as they were."""
+        times = ("median", "min", "mean", "p90", "p95", "p99", "std", "estimate", "ci_lo", "ci_hi")
+        return replace(self, **{k: None if getattr(self, k) is None else getattr(self, k) * factor for k in times})
+
 
 @dataclass
 class Measurement:
@@ -256,6 +262,10 @@ class Measurement:
     first_run_ms: float | None = None
     attempts: int = 1
     samples_ms: list[float] = field(default_factory=list, repr=False)
+    #: the host-state reference the measurement was taken in, where one was timed around it
+    state_ref_ms: float | None = None
+    #: the factor its times were scaled by (:meth:`scaled`): 1 for a measurement as timed
+    norm_factor: float = 1.0
 
     @property
     def median_ms(self) -> float:
@@ -265,6 +275,12 @@ class Measurement:
     def value_ms(self) -> float:
         """The estimator's value (:attr:`Stats.value`): what tables, validation and bench use."""
         return self.stats.value
+
+    def scaled(self, factor: float) -> "Measurement":
+        """This measurement with its steady-state times multiplied by ``factor`` (set-up and first
+        run, one-off costs, stay as timed)."""
+        return replace(self, stats=self.stats.scaled(factor), samples_ms=[x * factor for x in self.samples_ms],
+                       norm_factor=self.norm_factor * factor)
 
     def to_dict(self, with_samples: bool = False) -> dict:
         d = {"stats": self.stats.to_dict(), "setup_ms": self.setup_ms, "first_run_ms": self.first_run_ms,
