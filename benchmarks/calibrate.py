@@ -101,7 +101,7 @@ class Settings:
     results: Path = RESULTS
     work: Path = ROOT / "runs" / "calibrate"
     resume: bool = False
-    anchor: bool = True  # sessions anchored to the unpruned model (hwprune.prediction.calibrate.measure_configs)
+    anchor: bool = False  # sessions anchored to the unpruned model (hwprune.prediction.calibrate.measure_configs)
 
     def measure(self):
         from hwprune.profiling.measure import MeasureConfig
@@ -312,8 +312,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="fresh sessions per configuration")
     ap.add_argument("--cuda", action="store_true", help="also PyTorch on CUDA (skipped without CUDA)")
     ap.add_argument("--redo", action="store_true", help="measure finished cells again")
-    ap.add_argument("--no-anchor", dest="anchor", action="store_false",
-                    help="time sessions as they come, without the unpruned model's probes between them")
+    ap.add_argument("--anchor", action="store_true",
+                    help="anchor the sessions to the unpruned model's probes between them (hwprune calibrate --anchor)")
     ap.add_argument("--resume", action="store_true", help="continue interrupted full-table profiles")
     ap.add_argument("--quick", action="store_true", help="smoke run (tiny K, few configurations, one model), "
                                                          "results in a temporary directory")

@@ -51,7 +51,7 @@ def summarise(runs: Path, model: str) -> dict | None:
     tested = [r for r in records if r.get("test_top1") is not None]
     row = {
         "model": model,
-        "status": "running",
+        "status": "unfinished",
         "epochs_done": records[-1]["epoch"],
         "train_seconds": round(sum(r["seconds"] for r in records), 1),
         "seconds_per_epoch": round(statistics.median(r["seconds"] for r in records), 1),

@@ -96,7 +96,7 @@ def test_configuration_choice_is_deterministic_covers_and_nests(source, space):
 
 def test_calibration_recovers_the_factors_of_a_scripted_device(source, space, monkeypatch):
     scripted_device(source, space, monkeypatch, 12)
-    run = cal.measure_here(source, MODEL, 12, cal.Target(threads=1), rounds=1)
+    run = cal.measure_here(source, MODEL, 12, cal.Target(threads=1), rounds=1, anchor=True)
     assert [len(s) for s in run.sessions][:2] == [3, 1]  # the unpruned model in REFERENCE_SESSIONS sessions
     full_ms = float(device_ms(source, [space.full()])[0])  # a steady host: every anchor alike, nothing rescaled
     assert all(m.state_ref_ms == pytest.approx(full_ms) and m.norm_factor == pytest.approx(1) for s in run.sessions

@@ -79,7 +79,7 @@ def calibrate(
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Batch size (default: the source's)."),
     graph_optimization: Optional[str] = typer.Option(None, "--graph-optimization", help=_HELP["graph_optimization"]),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Fresh sessions per configuration."),
-    anchor: bool = typer.Option(True, "--anchor/--no-anchor", help=_HELP["anchor"]),
+    anchor: bool = typer.Option(False, "--anchor/--no-anchor", help=_HELP["anchor"]),
     seed: int = typer.Option(0, "--seed", help="Seed of the candidate configurations."),
     quick: bool = typer.Option(False, "--quick", help="Short measurements (smoke tests, not for results)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Calibrated predictor to write (X.predictor.zip)."),

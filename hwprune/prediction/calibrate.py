@@ -166,17 +166,19 @@ ANCHOR_TOLERANCE = 0.05
 
 
 def measure_configs(backend, space: PruningSpace, configs: Sequence[tuple[str, WidthConfig]], batch: int,
-                    rounds: int = 2, progress: ProgressFn | None = None, anchor: bool = True) -> list[list]:
+                    rounds: int = 2, progress: ProgressFn | None = None, anchor: bool = False) -> list[list]:
     """Every configuration's fresh-session measurements on ``backend``: ``rounds`` sessions each
     (the unpruned model, id ``full``, at least :data:`REFERENCE_SESSIONS`), round-robin over
     the configurations so that a slow spell of the host hits different ones in different rounds.
 
-    With ``anchor`` (the default) a short probe of the unpruned model runs between consecutive
+    With ``anchor`` a short probe of the unpruned model runs between consecutive
     sessions, as a profile's reference windows do (:mod:`hwprune.profiling.host_state`), and each
     session is normalised to the host's fast state: scaled by the fast-state reference
     (:func:`~hwprune.profiling.measure.fast_state_reference` of the sessions' references) over
     its own reference, the mean of the probes before and after it. A host whose speed swings
-    between sessions then calibrates to one state of it instead of a mixture."""
+    between sessions then calibrates to one state of it instead of a mixture. It is off by
+    default: on the one noisy host it was benchmarked on (``benchmarks/calibrate.py``), where the
+    speed changed faster than the probes could follow, the anchored calibration was no better."""
     import torch
 
     from hwprune.profiling.measure import REFERENCE_SESSIONS
@@ -264,9 +266,9 @@ def check_request(source: Source, model: str, samples: int, rounds: int = 1, bat
 
 
 def measure_here(source: Source, model: str, samples: int, target: Target = Target(), seed: int = 0,
-                 rounds: int = 2, measure=None, progress: ProgressFn | None = None, anchor: bool = True) -> Measured:
+                 rounds: int = 2, measure=None, progress: ProgressFn | None = None, anchor: bool = False) -> Measured:
     """Choose ``samples`` configurations of ``model`` and time them on this machine with ``target``
-    (anchored to the unpruned model's timings between sessions: :func:`measure_configs`)."""
+    (with ``anchor``, anchored to the unpruned model's timings between sessions: :func:`measure_configs`)."""
     from hwprune.prediction.calibration_plan import choose_configs
     from hwprune.profiling.fingerprint import fingerprint
     from hwprune.profiling.measure import MeasureConfig

@@ -90,7 +90,10 @@ def unique_rows(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     project alike (or a row hold a NaN), every row is kept as it is."""
     if len(F) < 2 or F.shape[1] != len(_ROW_HASH):
         return F, np.arange(len(F))
-    _, first, inverse = np.unique(F @ _ROW_HASH, return_index=True, return_inverse=True)
+    h = F @ _ROW_HASH
+    if not np.isfinite(h).all():
+        return F, np.arange(len(F))
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     U = F[first]
     dup = np.flatnonzero(first[inverse] != np.arange(len(F)))  # rows standing in for another: check only those
