@@ -131,6 +131,12 @@ def load_source(predictor: str | Path | None = None, table: str | Path | None = 
     return Source(pred, info)
 
 
+def _failure(e: Exception) -> str:
+    """A runtime's exception as one line: its type and the first line of its message."""
+    detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else "no detail"
+    return f"{type(e).__name__}: {detail}"
+
+
 def _measure_session(backend, art):
     """One fresh-session end-to-end measurement; a failure of the runtime is one line."""
     try:
@@ -138,8 +144,7 @@ def _measure_session(backend, art):
     except HwpruneError:
         raise
     except Exception as e:  # a runtime fails in many ways (out of memory, an unsupported node...)
-        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else "no detail"
-        raise HwpruneError(f"measuring {art.name} failed on {backend.name}: {type(e).__name__}: {detail}",
+        raise HwpruneError(f"measuring {art.name} failed on {backend.name}: {_failure(e)}",
                            "check that this backend runs the model here (hwprune devices)") from None
     if not (np.isfinite(m.value_ms) and m.value_ms > 0):
         raise HwpruneError(f"measuring {art.name} on {backend.name} gave {m.value_ms!r} ms")
@@ -227,9 +232,8 @@ class _Probe:
         except HwpruneError:
             raise
         except Exception as e:  # as for the sessions themselves: one line
-            detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else "no detail"
             raise HwpruneError(f"measuring the unpruned {self.space.name} (the sessions' anchor) failed on "
-                               f"{self.backend.name}: {type(e).__name__}: {detail}",
+                               f"{self.backend.name}: {_failure(e)}",
                                "check that this backend runs the model here (hwprune devices)") from None
         return self._last
 
