@@ -183,7 +183,7 @@ def cell(spec: TargetSpec, model: str, st: Settings) -> dict:
     """Everything measured for one target and one model."""
     from hwprune.prediction.calibrate import Measured, calibrate, measure_configs, renormalised
     from hwprune.prediction.calibration_plan import choose_configs
-    from hwprune.profiling.fingerprint import fingerprint
+    from hwprune.profiling.fingerprint import fingerprint, machine_line
 
     source = source_for(model, st)
     space, backend = source.space(model), spec.target().create(st.measure())
@@ -217,15 +217,8 @@ def cell(spec: TargetSpec, model: str, st: Settings) -> dict:
 # ---------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------
-def machine_line(fp: dict) -> str:
-    """A CPU as the results name it: model, cores and the vector extensions that set its kernels
-    (two hosts that both report "AMD EPYC" can differ in all of them)."""
-    flags = [f for f in fp.get("cpu_flags", []) if f.startswith(("avx512", "amx"))]
-    cpu_id = f" ({fp['cpu_id']})" if fp.get("cpu_id") else ""
-    return f"{fp.get('cpu_model')}{cpu_id}, {fp.get('cpu_cores')} cores, {', '.join(flags) or 'no AVX-512'}"
-
-
 def source_machine(st: Settings) -> str:
+    from hwprune.profiling.fingerprint import machine_line
     from hwprune.profiling.table import LatencyTable
 
     path = QUICK_SOURCE if st.quick else SOURCE_TABLES / f"{MODELS[0]}.parquet"
@@ -273,7 +266,7 @@ def save(doc: dict, st: Settings, stem: str = "calibrate") -> None:
 
 
 def run(models: list, specs: list, st: Settings, redo: bool = False) -> dict:
-    from hwprune.profiling.fingerprint import fingerprint
+    from hwprune.profiling.fingerprint import fingerprint, machine_line
 
     path = st.results / "calibrate.json"
     doc = json.loads(path.read_text()) if path.exists() and not redo else {"cells": []}

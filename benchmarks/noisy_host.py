@@ -146,7 +146,7 @@ def scores(res) -> dict:
 
 def targets(cells: dict) -> list[dict]:
     """The targets per model and view: under cpu and bursts (after) 95% within ±10% and within 3
-    points of the ceiling; under none, after no worse than before at ±10%."""
+    points of the ceiling; under none, after no worse than before at ±10% (on one machine)."""
     out = []
     models = sorted({k.split("/")[2] for k in cells})
     for model, view in ((m, v) for m in models for v in VIEWS):
@@ -158,7 +158,8 @@ def targets(cells: dict) -> list[dict]:
                             "what": f"{100 * c['within_10pct']:.1f}% within ±10%, ceiling {100 * c['ceiling_10pct']:.1f}%"})
         a = (cells.get(f"none/after/{model}") or {}).get("scores", {}).get(view)
         b = (cells.get(f"none/before/{model}") or {}).get("scores", {}).get(view)
-        if a and b:
+        same = (cells.get(f"none/after/{model}") or {}).get("machine") == (cells.get(f"none/before/{model}") or {}).get("machine")
+        if a and b and same:
             out.append({"model": model, "view": view, "pattern": "none", "met": a["within_10pct"] >= b["within_10pct"],
                         "what": f"after {100 * a['within_10pct']:.1f}%, before {100 * b['within_10pct']:.1f}% within ±10%"})
     return out
@@ -168,30 +169,47 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def markdown(doc: dict) -> str:
+def machines(doc: dict) -> list[str]:
+    """The machines the cells ran on, in order of first appearance (a cell's number in the table)."""
+    return list(dict.fromkeys(f"{c.get('machine', 'unknown')}, {c.get('date', '?')}" for c in doc["cells"].values()))
+
+
+def _header(doc: dict) -> list[str]:
     s = doc["settings"]
-    lines = [f"# Profiling and validation under a noisy neighbour ({s['date']})", "",
-             f"Command: `{s['command']}`. Host: {s['host']}. ONNX Runtime {s['ort']}, batch 1, 1 thread, measurement "
-             f"pinned to CPU {s['pin']}, neighbour on CPU {s['noise_cpu']}. {s['configs']} profiled and {s['fresh']} "
-             f"fresh configurations per model, {s['rounds']} paired sessions each. `before`: no reference windows, "
-             f"fixed windows, median; `after`: the default protocol (docs/noisy-host.md).", "",
-             "Shares in percent: predictor / ceiling (measured against measured), within ±5% and ±10%.", "",
-             "| model | noise | mode | profile s | validate s | absolute ±5 | absolute ±10 | relative ±5 | relative ±10 "
-             "| normalised ±5 | normalised ±10 | estimator | re-measured |",
-             "|---|---|---|---:|---:|---|---|---|---|---|---|---|---:|"]
+    legend = [f"{i + 1}. {m}" for i, m in enumerate(machines(doc))]
+    return [f"# Profiling and validation under a noisy neighbour ({s['date']})", "",
+            f"Command: `{s['command']}`. ONNX Runtime {s['ort']}, batch 1, 1 thread, measurement "
+            f"pinned to CPU {s['pin']}, neighbour on CPU {s['noise_cpu']}. {s['configs']} profiled and {s['fresh']} "
+            f"fresh configurations per model, {s['rounds']} paired sessions each. `before`: no reference windows, "
+            f"fixed windows, median; `after`: the default protocol (docs/noisy-host.md). Each cell profiles and "
+            f"validates on one machine (its number below); before and after are compared only on one machine.", "",
+            "Machines:", "", *legend, "",
+            "Shares in percent: predictor / ceiling (measured against measured), within ±5% and ±10%.", "",
+            "| model | noise | mode | machine | profile s | validate s | absolute ±5 | absolute ±10 | relative ±5 "
+            "| relative ±10 | normalised ±5 | normalised ±10 | estimator | re-measured |",
+            "|---|---|---|---:|---:|---:|---|---|---|---|---|---|---|---:|"]
+
+
+def _cell_row(key: str, c: dict, number: int) -> str:
+    pattern, mode, model = key.split("/")
+    sc = c.get("scores", {})
+
+    def pair(v, b):
+        d = sc.get(v)
+        return "-" if not d else f"{_pct(d[f'within_{b}pct'])} / {_pct(d[f'ceiling_{b}pct'])}"
+
+    noise = c.get("noise") or {}
+    est = (noise.get("estimator") or {}).get("name", "median")
+    return (f"| {model} | {pattern} | {mode} | {number} | {c['profile_seconds']:.0f} | {c.get('validate_seconds', 0):.0f} "
+            f"| {pair('absolute', 5)} | {pair('absolute', 10)} | {pair('relative', 5)} | {pair('relative', 10)} "
+            f"| {pair('normalised', 5)} | {pair('normalised', 10)} | {est} | {noise.get('remeasured', '-')} |")
+
+
+def markdown(doc: dict) -> str:
+    number = {m: i + 1 for i, m in enumerate(machines(doc))}
+    lines = _header(doc)
     for key, c in doc["cells"].items():
-        pattern, mode, model = key.split("/")
-        sc = c.get("scores", {})
-
-        def pair(v, b):
-            d = sc.get(v)
-            return "-" if not d else f"{_pct(d[f'within_{b}pct'])} / {_pct(d[f'ceiling_{b}pct'])}"
-
-        noise = c.get("noise") or {}
-        est = (noise.get("estimator") or {}).get("name", "median")
-        lines.append(f"| {model} | {pattern} | {mode} | {c['profile_seconds']:.0f} | {c.get('validate_seconds', 0):.0f} "
-                     f"| {pair('absolute', 5)} | {pair('absolute', 10)} | {pair('relative', 5)} | {pair('relative', 10)} "
-                     f"| {pair('normalised', 5)} | {pair('normalised', 10)} | {est} | {noise.get('remeasured', '-')} |")
+        lines.append(_cell_row(key, c, number[f"{c.get('machine', 'unknown')}, {c.get('date', '?')}"]))
     verdicts = [(k, c["verdict"]) for k, c in doc["cells"].items() if c.get("verdict")]
     if verdicts:
         lines += ["", "Where the host was too noisy for the claim:", ""] + [f"- {k}: {v}" for k, v in verdicts]
@@ -205,11 +223,11 @@ def settings(args) -> dict:
     import datetime as dt
 
     from hwprune.device.ort_runner import ort_version
-    from hwprune.profiling.fingerprint import fingerprint
+    from hwprune.profiling.fingerprint import fingerprint, machine_line
 
     fp = fingerprint()
     return {"date": dt.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
-            "host": f"{fp.get('cpu_model')} ({fp.get('cpu_cores')} cores)", "ort": ort_version(), "pin": args.pin,
+            "host": machine_line(fp), "ort": ort_version(), "pin": args.pin,
             "noise_cpu": args.noise_cpu, "configs": args.configs, "fresh": args.fresh, "rounds": args.rounds,
             "models": args.models, "patterns": args.patterns, "modes": args.modes, "quick": args.quick}
 
@@ -266,6 +284,7 @@ def main(argv=None) -> None:
                 table, cell = profile_cell(model, mode, pattern, args, tables)
                 print(f"[{key}] validating", file=sys.stderr, flush=True)
                 cell.update(validate_cell(table, model, mode, pattern, args))
+                cell.update({"machine": doc["settings"]["host"], "date": doc["settings"]["date"]})
                 doc["cells"][key] = cell
                 write(doc, results)
     write(doc, results)

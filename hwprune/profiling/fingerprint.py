@@ -119,6 +119,16 @@ def fingerprint() -> dict:
 DEVICE_IDENTITY = ("cpu_model", "cpu_cores", "cpu_flags", "machine", "gpus")
 
 
+def machine_line(fp: dict) -> str:
+    """A CPU as results name it: model, cpu id, cores and the vector extensions that set its
+    kernels (two hosts that both report "AMD EPYC" can differ in all of them)."""
+    flags = fp.get("cpu_flags")
+    wide = [f for f in flags or [] if f.startswith(("avx512", "amx"))]
+    ext = "vector extensions not recorded" if flags is None else ", ".join(wide) or "no AVX-512"
+    cpu_id_ = f" ({fp['cpu_id']})" if fp.get("cpu_id") else ""
+    return f"{fp.get('cpu_model')}{cpu_id_}, {fp.get('cpu_cores')} cores, {ext}"
+
+
 def device_identity(fp: dict) -> dict:
     ident = {k: fp.get(k) for k in DEVICE_IDENTITY}
     ident["gpus"] = [g.get("name") for g in (fp.get("gpus") or [])]
